@@ -6,10 +6,11 @@ no code path depends on a target's name. Unknown or missing keys are a ConfigErr
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from edgecompact.errors import ConfigError
 
@@ -59,16 +60,16 @@ def load_target_file(path: Path) -> Target:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
     unknown = set(raw) - _REQUIRED - _OPTIONAL
     if unknown:
-        raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}'")
+        raise ConfigError(f"{path}: unknown key '{min(unknown)}'")
     missing = _REQUIRED - set(raw)
     if missing:
-        raise ConfigError(f"{path}: missing key '{sorted(missing)[0]}'")
+        raise ConfigError(f"{path}: missing key '{min(missing)}'")
     cons = raw.get("constraints", {})
     if not isinstance(cons, dict):
         raise ConfigError(f"{path}: key 'constraints' must be a table")
     unknown = set(cons) - _CONSTRAINT_KEYS
     if unknown:
-        raise ConfigError(f"{path}: unknown key 'constraints.{sorted(unknown)[0]}'")
+        raise ConfigError(f"{path}: unknown key 'constraints.{min(unknown)}'")
     _check_type(path, "name", raw["name"], str)
     _check_type(path, "description", raw["description"], str)
     _check_type(path, "tvm_target", raw["tvm_target"], (str, dict))

@@ -1,0 +1,194 @@
+"""Budgets (FLOPs, parameters or milliseconds on a target) and the width search that lands inside one.
+
+Every method ends here: it scores channels (or proposes widths) and `fit_to_budget` picks the widths whose cost is
+within the tolerance of the target. Cost functions are plain callables `widths -> value`; nothing here trains.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from edgecompact.errors import BudgetError, ConfigError
+from edgecompact.structure import Structure, round_width
+
+METRICS = ("flops", "params", "latency")
+CostFn = Callable[[dict[str, int]], float]
+
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`value` is absolute (FLOPs, params or ms) unless `relative`, then a fraction of the baseline."""
+
+    metric: str
+    value: float
+    relative: bool
+    tolerance: float = 0.02
+
+    def target(self, baseline_cost: float) -> float:
+        return self.value * baseline_cost if self.relative else self.value
+
+    def describe(self) -> str:
+        v = f"{self.value:g}x baseline" if self.relative else _fmt(self.metric, self.value)
+        return f"{self.metric} <= {v} (+-{100 * self.tolerance:g}%)"
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "value": self.value, "relative": self.relative, "tolerance": self.tolerance}
+
+
+def _fmt(metric: str, v: float) -> str:
+    if metric == "latency":
+        return f"{v:.3f} ms"
+    return f"{v / 1e6:.3f}M" if v >= 1e5 else f"{v:.0f}"
+
+
+def parse_budget(text: str, metric: str | None = None, tolerance: float = 0.02) -> Budget:
+    """Parse `0.33x`, `48M`, `1.2G`, `120k`, `12ms` into a Budget. `metric` defaults from the unit (ms -> latency)."""
+    s = str(text).strip().lower()
+    if metric is not None and metric not in METRICS:
+        raise ConfigError(f"--metric: unknown metric '{metric}' (choose {', '.join(METRICS)})")
+    if not 0 < tolerance < 1:
+        raise ConfigError(f"--tolerance: {tolerance} must be in (0, 1)")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(x|ms|k|m|g|)", s)
+    if not m:
+        raise ConfigError(f"--budget: cannot read '{text}' (examples: 0.33x, 48M, 120k, 12ms)")
+    value, unit = float(m.group(1)), m.group(2)
+    if value <= 0:
+        raise BudgetError(f"--budget: {text} must be > 0")
+    if unit == "x":
+        if value >= 1:
+            raise BudgetError(f"--budget: {text} is not below the baseline (use a fraction < 1x)")
+        return Budget(metric or "flops", value, True, tolerance)
+    if unit == "ms":
+        if metric not in (None, "latency"):
+            raise ConfigError(f"--budget: {text} is a latency but --metric is {metric}")
+        return Budget("latency", value, False, tolerance)
+    metric = metric or "flops"
+    if metric == "latency":
+        return Budget("latency", value, False, tolerance)
+    return Budget(metric, value * _SUFFIX[unit], False, tolerance)
+
+
+def check_budget(budget: Budget, baseline_cost: float, min_cost: float) -> float:
+    """The absolute target; BudgetError when it is above the baseline or below the smallest reachable cost."""
+    target = budget.target(baseline_cost)
+    if target >= baseline_cost:
+        raise BudgetError(f"--budget: {_fmt(budget.metric, target)} is not below the baseline's "
+                          f"{_fmt(budget.metric, baseline_cost)}")
+    if target * (1 + budget.tolerance) < min_cost:
+        raise BudgetError(f"--budget: {_fmt(budget.metric, target)} is unreachable: the smallest architecture "
+                          f"allowed by the constraints costs {_fmt(budget.metric, min_cost)}")
+    return target
+
+
+def min_widths(structure: Structure, multiple: int = 1) -> dict[str, int]:
+    return {g: round_width(1, multiple, full) for g, full in structure.groups.items()}
+
+
+def uniform_widths(structure: Structure, ratio: float, multiple: int = 1) -> dict[str, int]:
+    return {g: round_width(ratio * full, multiple, full) for g, full in structure.groups.items()}
+
+
+def within(value: float, target: float, tolerance: float) -> bool:
+    return abs(value - target) <= tolerance * target
+
+
+def fit_uniform(structure: Structure, cost: CostFn, target: float, tolerance: float,
+                multiple: int = 1) -> dict[str, int]:
+    """One width multiplier on every group, bisected so the cost lands within the tolerance of `target`.
+
+    When no single multiplier lands inside (rounding), the nearest one is refined channel by channel.
+    """
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if cost(uniform_widths(structure, mid, multiple)) > target:
+            hi = mid
+        else:
+            lo = mid
+    widths = uniform_widths(structure, lo, multiple)
+    return _refine(structure, widths, {g: [float(full - i) for i in range(full)] for g, full in
+                                       structure.groups.items()}, cost, target, tolerance, multiple)
+
+
+def fit_to_budget(structure: Structure, scores: dict[str, torch.Tensor], cost: CostFn, target: float,
+                  tolerance: float, multiple: int = 1) -> dict[str, list[int]]:
+    """Keep the globally highest-scoring channels so the cost lands within the tolerance of `target`.
+
+    Scores must be comparable across groups. Each group keeps its top channels in units of `multiple`; a
+    global threshold over unit scores is bisected, then single units are added or removed (cheapest first)
+    until the cost is inside the tolerance. Returns kept channel indices per group.
+    """
+    ranked = {g: sorted(scores[g].detach().float().tolist(), reverse=True) for g in structure.groups}
+    order = {g: torch.argsort(scores[g].detach().float(), descending=True, stable=True).tolist()
+             for g in structure.groups}
+    floor = min_widths(structure, multiple)
+
+    def widths_at(t: float) -> dict[str, int]:
+        out = {}
+        for g, full in structure.groups.items():
+            w = floor[g]
+            step = min(full, multiple)
+            while w + step <= full and ranked[g][w + step - 1] >= t:
+                w += step
+            out[g] = w
+        return out
+
+    thresholds = sorted({v for g in ranked for v in ranked[g]})
+    lo, hi = 0, len(thresholds) - 1  # cost(widths_at(thresholds[i])) decreases with i
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(widths_at(thresholds[mid])) > target:
+            lo = mid + 1
+        else:
+            hi = mid
+    widths = _refine(structure, widths_at(thresholds[lo]), ranked, cost, target, tolerance, multiple)
+    return {g: sorted(order[g][:w]) for g, w in widths.items()}
+
+
+def _refine(structure: Structure, widths: dict[str, int], ranked: dict[str, list[float]], cost: CostFn,
+            target: float, tolerance: float, multiple: int) -> dict[str, int]:
+    """Add the best-scoring units while under the budget, then land inside the tolerance if a step allows it."""
+    widths = dict(widths)
+    c = cost(widths)
+    for _ in range(10_000):
+        if within(c, target, tolerance):
+            return widths
+        if c > target:  # remove the unit with the lowest score that is not a group's last
+            cands = [(ranked[g][w - 1], g) for g, w in widths.items()
+                     if w - _step(structure, g, multiple) >= 1 and structure.groups[g] > multiple]
+            if not cands:
+                break
+            _, g = min(cands)
+            widths[g] -= _step(structure, g, multiple)
+        else:  # add the best next unit whose cost still fits under the upper edge of the tolerance
+            cands = []
+            for g, w in widths.items():
+                step = _step(structure, g, multiple)
+                if w + step <= structure.groups[g] and structure.groups[g] > multiple:
+                    trial = dict(widths, **{g: w + step})
+                    ct = cost(trial)
+                    if ct <= target * (1 + tolerance):
+                        cands.append((ranked[g][w], -ct, g))
+            if not cands:
+                break
+            _, _, g = max(cands)
+            widths[g] += _step(structure, g, multiple)
+        c = cost(widths)
+    return widths
+
+
+def _step(structure: Structure, g: str, multiple: int) -> int:
+    return min(structure.groups[g], multiple)
+
+
+def assert_within(budget_metric: str, achieved: float, target: float, tolerance: float) -> None:
+    if not within(achieved, target, tolerance):
+        raise BudgetError(f"budget not met: closest {budget_metric} reached is {_fmt(budget_metric, achieved)} vs "
+                          f"target {_fmt(budget_metric, target)} ({100 * (achieved / target - 1):+.1f}%, tolerance "
+                          f"{100 * tolerance:g}%): a single channel step is larger than the tolerance")

@@ -1,0 +1,217 @@
+"""The `edgecompact` command. Each subcommand is one stage, runnable alone on files the previous stage wrote.
+
+User mistakes (UserError) are caught here, once, and printed as one line with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgecompact.errors import ConfigError, UserError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-classes", type=int, default=None, help="default: the model's paper setting")
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--input-size", type=int, default=None, help="default: the model's paper setting")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from edgecompact.cost.flops import module_flops, module_params
+    from edgecompact.models import create_model, list_models, model_defaults
+
+    print(f"{'model':<22}{'classes':>8}{'input':>7}{'MFLOPs':>12}{'params':>12}")
+    for name in list_models():
+        d = model_defaults(name)
+        m = create_model(name, num_classes=d.num_classes, in_channels=d.in_channels, input_size=d.input_size)
+        f = module_flops(m, (d.in_channels, d.input_size, d.input_size))
+        print(f"{name:<22}{d.num_classes:>8}{d.input_size:>7}{f / 1e6:>12.3f}{module_params(m):>12,}")
+    return 0
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    from edgecompact.cost.flops import module_flops, module_params
+    from edgecompact.models import load_model, model_defaults
+
+    size, classes = args.input_size, args.num_classes
+    if ":" not in args.model:
+        d = model_defaults(args.model)
+        size, classes = size or d.input_size, classes or d.num_classes
+    size, classes = size or 32, classes or 10
+    m = load_model(args.model, num_classes=classes, in_channels=args.in_channels, input_size=size)
+    shape = (args.in_channels, size, size)
+    out = {"model": args.model, "input_shape": list(shape), "num_classes": classes,
+           "mflops": round(module_flops(m, shape) / 1e6, 3), "params": module_params(m)}
+    if args.groups:
+        from edgecompact.structure import analyze
+
+        out["groups"] = analyze(m, shape, args.model).groups
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from edgecompact.cost.flops import module_flops, module_params
+    from edgecompact.data import load_dataset
+    from edgecompact.models import load_model
+    from edgecompact.train import TrainConfig, evaluate, train
+
+    data = load_dataset(args.data, input_size=args.input_size, limit=args.limit, seed=args.seed)
+    model = load_model(args.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                       input_size=data.input_size)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out: cannot create {out}: {e.strerror}") from None
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                      augment=args.augment)
+    hist = train(model, data.train, cfg, val_set=data.val, checkpoint=out / "checkpoint.pt", desc=args.model)
+    test = data.test if data.test is not None else data.val
+    shape = (data.in_channels, data.input_size, data.input_size)
+    result = {"model": args.model, "dataset": data.name, "top1": round(evaluate(model, test), 2),
+              "mflops": round(module_flops(model, shape) / 1e6, 3), "params": module_params(model),
+              "epochs": args.epochs, "train_seconds": round(sum(e["seconds"] for e in hist["epochs"]), 1)}
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from edgecompact.targets import get_target, list_targets
+
+    for name in list_targets():
+        t = get_target(name)
+        print(f"{t.name:<10} {t.description}  [multiple {t.channel_multiple}, {t.precision}, "
+              f"{'runs here' if t.runnable_here else 'board: RPC key ' + str(t.rpc_key)}]")
+    return 0
+
+
+def _parse_options(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set: expected key=value, got '{item}'")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from edgecompact.pipeline import SearchSpec, run_search
+    from edgecompact.report import markdown_table
+
+    spec = SearchSpec(model=args.model, data=args.data, method=args.method, budget=args.budget, metric=args.metric,
+                      tolerance=args.tolerance, target=args.target, input_size=args.input_size, limit=args.limit,
+                      epochs=args.epochs, finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs,
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      channel_multiple=args.channel_multiple, precision=args.precision, profile=args.profile,
+                      options=_parse_options(args.set))
+    name = args.model.split(":")[-1].replace("/", "_")
+    out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{args.method}-{name}")
+    doc = run_search(spec, out, force=args.force, deploy=not args.no_deploy, log=_log)
+    print(markdown_table(doc))
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from edgecompact.report import bench_document, load_records, markdown_table, plot, write_bench
+
+    records = load_records([Path(p) for p in args.runs])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = bench_document("report", " ".join(sys.argv), "collected from " + ", ".join(args.runs), records)
+    write_bench(out / "report.json", doc)
+    pngs = plot(records, out)
+    print(markdown_table(doc))
+    print("written: " + ", ".join(str(p) for p in [out / "report.json", out / "report.md", *pngs]))
+    return 0
+
+
+def _log(msg: str) -> None:
+    print(f"[edgecompact] {msg}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgecompact", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list the zoo with FLOPs and params").set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("flops", help="FLOPs and params of a zoo or user model")
+    p.add_argument("model", help="zoo name, path/to/file.py:factory or package.module:factory")
+    _model_args(p)
+    p.add_argument("--groups", action="store_true", help="also list the coupled channel groups")
+    p.set_defaults(fn=cmd_flops)
+
+    p = sub.add_parser("train", help="train a model (resumes from OUT/checkpoint.pt)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", default="digits", help="digits | fashion-mnist[:PATH] | mnist:PATH | cifar10:PATH | "
+                   "cifar100:PATH | imagenet64:PATH")
+    p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="train on a seeded subset of this many images")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--augment", action="store_true", help="random crops")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_train)
+
+    sub.add_parser("targets", help="list the targets").set_defaults(fn=cmd_targets)
+
+    p = sub.add_parser("search", help="find, fine-tune and deploy a compact architecture under a budget")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", default="digits")
+    p.add_argument("--method", required=True)
+    p.add_argument("--budget", default="0.33x", help="0.33x (of the baseline), 48M, 120k, 12ms")
+    p.add_argument("--metric", choices=["flops", "params", "latency"], default=None)
+    p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--target", default="host")
+    p.add_argument("--profile", default=None, help="latency table JSON (default: profiles/<target>-*.json)")
+    p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=10, help="baseline training epochs")
+    p.add_argument("--search-epochs", type=int, default=4)
+    p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channel-multiple", type=int, default=None, help="default: the target's")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None, help="default: the target's")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<time>-<method>-<model>)")
+    p.add_argument("--force", action="store_true", help="overwrite a run directory holding a different run")
+    p.add_argument("--no-deploy", action="store_true")
+    p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("report", help="paper-style table and plots from run directories")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", default="report")
+    p.set_defaults(fn=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"edgecompact: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgecompact: interrupted (re-run the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""LatencyTable: measured (or roofline-estimated) layer latency of one target, and predictions from it.
+
+A table holds, per layer kind and shape (op, kernel, stride, depthwise or not, input/output HxW, precision),
+milliseconds on a grid of (c_in, c_out) widths (one axis for depthwise convs), interpolated bilinearly.
+It records where its numbers come from and refuses to serve another target. It never measures anything:
+edgecompact.profiling fills tables, edgecompact.cost.roofline estimates them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecompact.errors import ConfigError
+from edgecompact.structure import Layer, Structure
+from edgecompact.targets import Target
+
+FORMAT = "edgecompact-latency-table/1"
+PROFILES_DIR = Path(__file__).resolve().parent.parent.parent / "profiles"
+# The search space of every group: these fractions of its baseline width (rounded to the channel multiple).
+GRID_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
+# BatchNorm costs nothing in what ships: ONNX export in eval mode folds it into the preceding conv.
+BATCHNORM_NOTE = "batchnorm folded into the preceding conv (ONNX export, eval mode): 0 ms"
+
+
+@dataclass(frozen=True)
+class LayerKey:
+    """What a layer's latency depends on besides its widths."""
+
+    op: str  # "conv2d" | "linear"
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    depthwise: bool
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    precision: str
+
+    @classmethod
+    def of(cls, layer: Layer, precision: str) -> LayerKey:
+        return cls(layer.op, tuple(layer.kernel), tuple(layer.stride), layer.depthwise, tuple(layer.in_hw),
+                   tuple(layer.out_hw), precision)
+
+    def __str__(self) -> str:
+        if self.op == "linear":
+            return f"linear {self.precision}"
+        k, s, i, o = self.kernel, self.stride, self.in_hw, self.out_hw
+        kind = "dw" if self.depthwise else "dense"
+        return f"conv2d k{k[0]}x{k[1]} s{s[0]}x{s[1]} {kind} {i[0]}x{i[1]}->{o[0]}x{o[1]} {self.precision}"
+
+    @classmethod
+    def parse(cls, text: str) -> LayerKey:
+        parts = text.split()
+        if parts[0] == "linear" and len(parts) == 2:
+            return cls("linear", (1, 1), (1, 1), False, (1, 1), (1, 1), parts[1])
+        if parts[0] != "conv2d" or len(parts) != 6 or parts[3] not in ("dw", "dense"):
+            raise ValueError(f"not a layer key: {text!r}")
+        i, o = parts[4].split("->")
+        return cls("conv2d", _pair(parts[1][1:]), _pair(parts[2][1:]), parts[3] == "dw", _pair(i), _pair(o),
+                   parts[5])
+
+
+@dataclass
+class Entry:
+    """Latency grid of one LayerKey. Depthwise convs have `c_in == []` (c_in follows c_out)."""
+
+    c_in: list[int]
+    c_out: list[int]
+    ms: list[list[float | None]]  # ms[i][j] at (c_in[i], c_out[j]); one row when depthwise; None = not measured
+
+    @classmethod
+    def empty(cls, c_in: list[int], c_out: list[int]) -> Entry:
+        return cls(list(c_in), list(c_out), [[None] * len(c_out) for _ in range(max(1, len(c_in)))])
+
+    def points(self) -> list[tuple[int, int, int, int]]:
+        """(i, j, c_in, c_out) of every grid point; depthwise points have c_in == c_out."""
+        rows = self.c_in or [None]
+        return [(i, j, ci if ci is not None else co, co) for i, ci in enumerate(rows) for j, co in enumerate(self.c_out)]
+
+
+@dataclass
+class LatencyTable:
+    """Per-layer latency of one target. `provenance` says where the numbers come from (see `new`)."""
+
+    provenance: dict[str, Any]
+    entries: dict[LayerKey, Entry] = field(default_factory=dict)
+    # whole-model correction fitted by tools/bench_predictor.py: model_ms = scale * sum_of_layers + offset_ms
+    correction: dict[str, Any] = field(default_factory=lambda: {"scale": 1.0, "offset_ms": 0.0, "fitted_on": None})
+    path: Path | None = None
+
+    @classmethod
+    def new(cls, target: Target, source: str, **provenance: Any) -> LatencyTable:
+        """An empty table for `target`; `source` is "measured" or "roofline-estimate"."""
+        if source not in ("measured", "roofline-estimate"):
+            raise ValueError(f"source must be 'measured' or 'roofline-estimate', not {source!r}")
+        prov = {"target": target.name, "device": target.description, "precision": target.precision,
+                "channel_multiple": target.channel_multiple, "source": source, "batchnorm": BATCHNORM_NOTE}
+        prov.update(provenance)
+        return cls(provenance=prov)
+
+    @property
+    def target(self) -> str:
+        return self.provenance["target"]
+
+    @property
+    def is_estimate(self) -> bool:
+        return self.provenance.get("source") == "roofline-estimate"
+
+    @property
+    def label(self) -> str:
+        """How reports name this table's numbers: the target, and "(roofline estimate)" when not measured."""
+        return f"{self.target} (roofline estimate)" if self.is_estimate else f"{self.target} (measured)"
+
+    def check_target(self, target: Target) -> None:
+        """Raise ConfigError unless this table was made for `target` (tables are never mixed across targets)."""
+        where = self.path or "latency table"
+        if self.target != target.name:
+            raise ConfigError(f"{where}: table is for target '{self.target}', not '{target.name}'")
+        if self.provenance.get("precision", target.precision) != target.precision:
+            raise ConfigError(f"{where}: table precision is '{self.provenance['precision']}', "
+                              f"target '{target.name}' uses '{target.precision}'")
+
+    # -- lookup ------------------------------------------------------------------------------------------
+
+    def layer_ms(self, layer: Layer, c_in: int, c_out: int) -> float:
+        """Latency of `layer` at these widths: bilinear between grid points, linear (clamped >= 0) outside."""
+        if layer.op == "batchnorm":
+            return 0.0
+        key = LayerKey.of(layer, self.provenance.get("precision", "fp32"))
+        entry = self.entries.get(key)
+        where = self.path or "latency table"
+        if entry is None:
+            raise ConfigError(f"{where}: no entry for layer '{layer.name}' ({key}); profile this model for "
+                              f"target '{self.target}'")
+        if any(v is None for row in entry.ms for v in row):
+            raise ConfigError(f"{where}: entry '{key}' is incomplete; re-run `edgecompact profile` to resume it")
+        if not entry.c_in:
+            return _interp1(entry.c_out, entry.ms[0], c_out)
+        column = [_interp1(entry.c_out, row, c_out) for row in entry.ms]
+        return _interp1(entry.c_in, column, c_in)
+
+    def predict(self, structure: Structure, widths: dict[str, int], *, corrected: bool = True) -> float:
+        """Predicted latency (ms) of `structure` at `widths`: the sum over its conv and linear layers (BN folded),
+        then the table's whole-model correction unless `corrected` is False."""
+        total = sum(self.layer_ms(layer, c_in, c_out) for layer, c_in, c_out in structure.channels(widths))
+        if not corrected:
+            return total
+        return self.correction["scale"] * total + self.correction["offset_ms"]
+
+    def marginal_latency(self, structure: Structure, widths: dict[str, int], group: str) -> float:
+        """ms saved per channel removed from `group` at `widths` (one channel_multiple step, finite difference).
+
+        Clamped at >= 0: measurement noise must never make a channel look like it costs negative time.
+        """
+        step = int(self.provenance.get("channel_multiple", 1))
+        width = widths[group]
+        lo, hi = (width - step, width) if width - step >= 1 else (width, width + step)
+        saved = self.predict(structure, {**widths, group: hi}) - self.predict(structure, {**widths, group: lo})
+        return max(0.0, saved / (hi - lo))
+
+    # -- files -------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "provenance": self.provenance, "correction": self.correction,
+                "entries": {str(k): {"c_in": e.c_in, "c_out": e.c_out, "ms": e.ms} for k, e in self.entries.items()}}
+
+    def save(self, path: Path) -> None:
+        """Write atomically (temp file + rename), so a killed process leaves the previous complete file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path, target: Target | None = None) -> LatencyTable:
+        """Read a table; with `target`, also check it was made for that target."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: latency table not found")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"format is {raw.get('format')!r}, expected {FORMAT!r}")
+            prov = dict(raw["provenance"])
+            for key in ("target", "source"):
+                if not isinstance(prov.get(key), str):
+                    raise TypeError(f"provenance.{key} missing")
+            entries = {}
+            for text, e in raw["entries"].items():
+                entry = Entry([int(c) for c in e["c_in"]], [int(c) for c in e["c_out"]],
+                              [[None if v is None else float(v) for v in row] for row in e["ms"]])
+                if len(entry.ms) != max(1, len(entry.c_in)) or any(len(r) != len(entry.c_out) for r in entry.ms):
+                    raise ValueError(f"entry '{text}': ms grid does not match its axes")
+                entries[LayerKey.parse(text)] = entry
+            correction = dict(raw.get("correction") or {"scale": 1.0, "offset_ms": 0.0, "fitted_on": None})
+            correction["scale"], correction["offset_ms"] = float(correction["scale"]), float(correction["offset_ms"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{path}: malformed latency table ({type(e).__name__}: {e})") from None
+        table = cls(provenance=prov, entries=entries, correction=correction, path=path)
+        if target is not None:
+            table.check_target(target)
+        return table
+
+
+def _pair(text: str) -> tuple[int, int]:
+    a, b = text.split("x")
+    return int(a), int(b)
+
+
+def _interp1(xs: list[int], ys: list[float], x: float) -> float:
+    """Piecewise linear through (xs, ys): exact at xs, linear between; outside, the edge segment's slope
+    (never negative), clamped at >= 0. A single point scales proportionally with x."""
+    if len(xs) == 1:
+        return ys[0] * x / xs[0]
+    i = min(max(bisect_right(xs, x) - 1, 0), len(xs) - 2)
+    x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+    slope = (y1 - y0) / (x1 - x0)
+    if x < x0 or x > x1:
+        slope = max(slope, 0.0)
+    base = y0 if x <= x1 else y1
+    return max(0.0, base + slope * (x - (x0 if x <= x1 else x1)))
+
+
+def width_grid(full: int, multiple: int = 1, fixed: int = 0) -> list[int]:
+    """Grid widths for a channel count whose searchable part is `full - fixed` (fixed: image channels etc.)."""
+    free = full - fixed
+    if free <= 0:
+        return [full]
+    step = multiple if free > multiple else 1
+    return sorted({fixed + max(step, min(free, step * math.ceil(f * free / step - 1e-9))) for f in GRID_FRACTIONS})
+
+
+def layer_grid(structure: Structure, precision: str, multiple: int = 1) -> dict[LayerKey, tuple[list[int], list[int]]]:
+    """(c_in axis, c_out axis) of every distinct layer kind of `structure`'s search space.
+
+    Layers sharing a kind share one grid (the union of their axes). Depthwise convs get an empty c_in axis.
+    """
+    axes: dict[LayerKey, tuple[set[int], set[int]]] = {}
+    for layer, c_in, c_out in structure.channels(structure.baseline_widths()):
+        if layer.op == "batchnorm":
+            continue
+        key = LayerKey.of(layer, precision)
+        fixed_in = sum(p * m for p, m in zip(layer.in_parts, layer.in_multiplier) if not isinstance(p, str))
+        mult_in = max([m for p, m in zip(layer.in_parts, layer.in_multiplier) if isinstance(p, str)], default=1)
+        ins = set() if layer.depthwise else set(width_grid(c_in, multiple * mult_in, fixed_in))
+        outs = set(width_grid(c_out, multiple) if layer.out_group is not None else [c_out])
+        got = axes.setdefault(key, (set(), set()))
+        got[0].update(ins)
+        got[1].update(outs)
+    return {k: (sorted(i), sorted(o)) for k, (i, o) in axes.items()}
+
+
+def default_table_path(target: Target, space: str, directory: Path = PROFILES_DIR) -> Path:
+    """profiles/<target>-<precision>-<space>.json"""
+    return Path(directory) / f"{target.name}-{target.precision}-{space}.json"
+
+
+def table_for(target: Target, structure: Structure, space: str | None = None,
+              directory: Path = PROFILES_DIR) -> LatencyTable:
+    """The measured table of `target` for this search space if one exists, else the roofline estimate.
+
+    The estimate's provenance says `roofline-estimate` and `label` says so: callers print the label.
+    """
+    path = default_table_path(target, space or structure.model_name, directory)
+    if path.is_file():
+        return LatencyTable.load(path, target)
+    from edgecompact.cost.roofline import roofline_table  # roofline builds LatencyTables, so it imports us
+
+    return roofline_table(structure, target)

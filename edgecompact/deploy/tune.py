@@ -1,0 +1,91 @@
+"""MetaSchedule tuning process: `python -m edgecompact.deploy.tune` (started by deploy.tvm.tune, not by users).
+
+Runs with torch hidden and a cheap `inspect.stack`, in this process and in every builder/runner worker:
+with torch importable, each worker's TVMScript import takes minutes and LocalBuilder silently times out
+(../shared/notes/tvm.md, sections 2 and 7). Tasks whose workload the database already tuned with at least
+as many trials per task are skipped, so shared layer shapes are tuned once per target.
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import sys
+
+from edgecompact.run import hide_torch
+
+
+def _fast_stack(context: int = 1) -> list[inspect.FrameInfo]:
+    frame, out = sys._getframe(1), []
+    while frame is not None:
+        fn, ln = frame.f_code.co_filename, frame.f_lineno
+        line = linecache.getline(fn, ln) if context else ""
+        out.append(inspect.FrameInfo(frame, fn, ln, frame.f_code.co_name, [line] if line else None,
+                                     0 if line else None))
+        frame = frame.f_back
+    return out
+
+
+def init_worker() -> None:
+    """Initializer of the builder/runner worker processes (imported there by module name)."""
+    hide_torch()
+    inspect.stack = _fast_stack
+
+
+init_worker()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import tvm  # noqa: E402
+import tvm_ffi  # noqa: E402
+from tvm.s_tir import meta_schedule as ms  # noqa: E402
+
+LEDGER = "tuned_tasks.json"  # {structural hash of a workload: most trials per task it was tuned with}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m edgecompact.deploy.tune")
+    ap.add_argument("--mod", required=True, help="IRModule JSON (tvm.ir.save_json), already legalized and fused")
+    ap.add_argument("--target", required=True, help="TVM target as JSON")
+    ap.add_argument("--db", required=True, help="database directory (JSONDatabase work_dir)")
+    ap.add_argument("--trials-per-task", type=int, required=True)
+    ap.add_argument("--summary", required=True)
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    mod = tvm.ir.load_json(Path(args.mod).read_text())
+    target = tvm.target.Target(json.loads(args.target))
+    db_dir = Path(args.db)
+    ledger_path = db_dir / LEDGER
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
+
+    extracted = ms.relax_integration.extract_tasks(mod, target)
+    todo = [t for t in extracted
+            if ledger.get(str(tvm_ffi.structural_hash(t.dispatched[0])), 0) < args.trials_per_task]
+    summary = {"tasks": len(extracted), "tuned_tasks": len(todo), "reused_tasks": len(extracted) - len(todo),
+               "trials_per_task": args.trials_per_task, "trials": 0, "tuning_s": 0.0}
+    if todo:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, str(db_dir))
+        database = ms.database.JSONDatabase(work_dir=str(db_dir))
+        before = len(database)
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=str(db_dir),
+            max_trials_global=args.trials_per_task * len(contexts), max_trials_per_task=args.trials_per_task,
+            num_trials_per_iter=min(16, args.trials_per_task),
+            builder=ms.builder.LocalBuilder(max_workers=2, timeout_sec=300, initializer=init_worker),
+            runner=ms.runner.LocalRunner(timeout_sec=120, initializer=init_worker),
+            database=database,
+        )
+        summary["trials"] = len(database) - before
+        for t in todo:
+            ledger[str(tvm_ffi.structural_hash(t.dispatched[0]))] = args.trials_per_task
+        ledger_path.write_text(json.dumps(ledger, indent=1, sort_keys=True))
+    summary["tuning_s"] = round(time.perf_counter() - t0, 1)
+    Path(args.summary).write_text(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""TVM side of deploy: a Target as a TVM target, the one compile path deploy ships, and timing.
+
+`compile_relax` is the only place a Relax module becomes an executable (profiling uses it too), so a layer
+is measured exactly as it is shipped. MetaSchedule tuning runs in a subprocess with torch hidden (see
+edgecompact.deploy.tune); this module must not tune in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from edgecompact.errors import DeployError
+from edgecompact.targets import Target
+
+GPU_KINDS = ("opencl", "cuda", "vulkan", "metal", "rocm")
+DEFAULT_DB_ROOT = Path(os.environ.get("EDGECOMPACT_CACHE", Path.home() / ".cache" / "edgecompact")) / "tuning"
+
+
+def _resolve(spec: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(spec, dict) and spec.get("mcpu") == "native":
+        from tvm.target import codegen
+
+        spec = {**spec, "mcpu": str(codegen.llvm_get_system_cpu())}
+    return spec
+
+
+def tvm_target(target: Target) -> tvm.target.Target:
+    """The TVM target of `target`, with its host attached and mcpu "native" resolved to this CPU's name."""
+    spec = _resolve(target.tvm_target)
+    try:
+        tgt = tvm.target.Target(spec)
+        if target.host_target is not None:
+            return tvm.target.Target(spec, host=_resolve(target.host_target))
+    except (ValueError, RuntimeError, tvm.TVMError) as e:
+        raise DeployError(f"{target.source or target.name}: invalid tvm_target/host_target: {e}") from None
+    if tgt.host is None and tgt.kind.name == "llvm":
+        tgt = tvm.target.Target(spec, host=spec)
+    return tgt
+
+
+def is_gpu(tgt: tvm.target.Target) -> bool:
+    return tgt.kind.name in GPU_KINDS
+
+
+def default_db_dir(target: Target) -> Path:
+    """The per-target tuning database, keyed by target name and resolved CPU, shared across models."""
+    tgt = tvm_target(target)
+    cpu = str((tgt.host or tgt).attrs.get("mcpu", "generic"))
+    return DEFAULT_DB_ROOT / f"{target.name}-{cpu}"
+
+
+def _prepare(mod: tvm.IRModule, tgt: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse: the module whose fused TIR functions are the tuning tasks and database keys."""
+    with tgt:
+        return tvm.transform.Sequential([
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+            relax.get_pipeline("zero"),
+        ])(mod)
+
+
+def tune(mod: tvm.IRModule, target: Target, trials_per_task: int, db_dir: Path) -> dict[str, Any]:
+    """MetaSchedule-tune the tasks of `mod` not yet in `db_dir` (subprocess, torch hidden). Returns its summary."""
+    tgt = tvm_target(target)
+    db_dir = Path(db_dir)
+    db_dir.mkdir(parents=True, exist_ok=True)
+    prepared = _prepare(mod, tgt)
+    with tempfile.TemporaryDirectory(dir=db_dir) as tmp:
+        mod_path, summary_path = Path(tmp) / "mod.json", Path(tmp) / "summary.json"
+        mod_path.write_text(tvm.ir.save_json(prepared))
+        cmd = [sys.executable, "-m", "edgecompact.deploy.tune", "--mod", str(mod_path),
+               "--target", str(tgt), "--db", str(db_dir),
+               "--trials-per-task", str(trials_per_task), "--summary", str(summary_path)]
+        env = {**os.environ, "TVM_FFI_DISABLE_TORCH_C_DLPACK": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"MetaSchedule tuning failed (exit {proc.returncode}): {tail[0]}\n{proc.stderr[-4000:]}")
+        return json.loads(summary_path.read_text())
+
+
+def compile_relax(mod: tvm.IRModule, target: Target, *, tune_trials: int = 0,
+                  db_dir: Path | None = None) -> relax.VMExecutable:
+    """Build `mod` for `target`: legalize + fuse, apply tuning records, relax.build.
+
+    tune_trials > 0 first tunes every task not yet tuned with that many trials per task into the per-target
+    database `db_dir` (default: `default_db_dir(target)`), so a layer shape shared with an earlier model costs
+    nothing. tune_trials == 0 with a `db_dir` applies the records already there. GPU targets get the dlight
+    default schedules for whatever the database does not cover.
+    """
+    tgt = tvm_target(target)
+    if tune_trials > 0:
+        db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
+        tune(mod, target, tune_trials, db_dir)
+    prepared = _prepare(mod, tgt)
+    if db_dir is not None and (Path(db_dir) / "database_workload.json").is_file():
+        from tvm.s_tir import meta_schedule as ms
+
+        database = ms.database.JSONDatabase(work_dir=str(db_dir))
+        with tgt, database:
+            prepared = relax.transform.MetaScheduleApplyDatabase()(prepared)
+    if is_gpu(tgt):
+        import tvm.s_tir.dlight as dl
+
+        with tgt:
+            prepared = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                               dl.gpu.GeneralReduction(), dl.gpu.Fallback())(prepared)
+    return relax.build(prepared, target=tgt)
+
+
+def set_num_threads(n: int) -> None:
+    """Size TVM's CPU thread pool (the runtime's own pool, not torch's or onnxruntime's)."""
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    tvm.get_global_func("runtime.config_threadpool")(0, n)
+
+
+def time_executable(ex: Any, args: list[np.ndarray], *, number: int, repeat: int,
+                    device: Any = None) -> list[float]:
+    """Milliseconds per run of `main`, `repeat` values each averaged over `number` runs, after one warm-up.
+
+    `ex` is a VMExecutable or a loaded runtime module (local, or from an RPC session with `device` remote).
+    """
+    dev = device if device is not None else tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    inputs = [tvm.runtime.tensor(a, dev) for a in args]
+    vm["main"](*inputs)
+    result = vm.time_evaluator("main", dev, number=number, repeat=repeat)(*inputs)
+    return [float(r) * 1e3 for r in result.results]

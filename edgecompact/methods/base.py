@@ -1,0 +1,178 @@
+"""The method interface: what every compact-architecture search method receives and returns.
+
+A method is a function `(SearchContext) -> Proposal`: it decides which channels to keep (and from which weights).
+Slimming, fine-tuning, measuring and budget checks are done once, here, in `run_method`; method files hold only
+what makes that method itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgecompact.budget import Budget, CostFn, assert_within
+from edgecompact.data import DataSplits
+from edgecompact.errors import ConfigError
+from edgecompact.structure import ArchSpec, Structure, check_widths, slim, widths_of
+from edgecompact.train import TrainConfig, evaluate, train
+
+
+@dataclass
+class SearchContext:
+    """Everything a method may use. `cost` measures the budget's metric; `flops`/`params` are always there."""
+
+    baseline: nn.Module  # trained baseline (methods must not modify it: copy first)
+    structure: Structure
+    data: DataSplits
+    budget: Budget
+    cost: CostFn
+    target_cost: float
+    baseline_cost: float
+    flops: CostFn
+    params: CostFn
+    finetune: TrainConfig  # the fine-tune schedule every method (and control) gets
+    search_epochs: int = 4  # epochs of sparsity training / shrinking a method may spend
+    channel_multiple: int = 1
+    precision: str = "fp32"
+    latency: CostFn | None = None  # predicted ms on the target, when a table (or estimate) exists
+    baseline_top1: float | None = None
+    run_dir: Path | None = None  # method state and history go here (resumable)
+    seed: int = 0
+    options: dict = field(default_factory=dict)  # method-specific settings from the CLI (--set key=value)
+    log: Callable[[str], None] = print
+
+    def search_config(self, **overrides) -> TrainConfig:
+        """The training config for a method's search phase: fine-tune settings with `search_epochs`."""
+        return replace(self.finetune, epochs=self.search_epochs, **overrides)
+
+    def state_path(self, name: str) -> Path | None:
+        return None if self.run_dir is None else Path(self.run_dir) / "search" / name
+
+
+@dataclass
+class Proposal:
+    """What a method returns: kept channels per group, and the weights to slim them from."""
+
+    keep: dict[str, list[int]]
+    source: nn.Module  # the model whose weights the compact model inherits (a copy of the baseline, or trained)
+    history: list[dict] = field(default_factory=list)
+    from_scratch: bool = False  # re-initialize the slimmed model before fine-tuning (MorphNet's choice)
+    finetuned: bool = False  # the method already trained the slimmed model (GenSynth's cycles): skip fine-tuning
+    compact: nn.Module | None = None  # when finetuned: the trained compact model
+
+
+@dataclass
+class SearchResult:
+    method: str
+    arch: ArchSpec
+    model: nn.Module
+    metrics: dict
+    history: list[dict]
+
+
+Method = Callable[[SearchContext], Proposal]
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str) -> Callable[[Method], Method]:
+    def deco(fn: Method) -> Method:
+        _METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    _load_all()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    _load_all()
+    if name not in _METHODS:
+        raise ConfigError(f"--method: unknown method '{name}' (choose {', '.join(sorted(_METHODS))})")
+    return _METHODS[name]
+
+
+def _load_all() -> None:
+    import importlib
+    import pkgutil
+
+    import edgecompact.methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "base":
+            importlib.import_module(f"edgecompact.methods.{info.name}")
+
+
+def marginal_costs(cost: CostFn, structure: Structure, widths: dict[str, int], step: int = 1) -> dict[str, float]:
+    """Cost saved by removing `step` channels of each group at `widths` (per channel)."""
+    base = cost(widths)
+    out = {}
+    for g, w in widths.items():
+        s = min(step, w - 1) if w > 1 else 0
+        out[g] = (base - cost(dict(widths, **{g: w - s}))) / s if s else cost(widths) / max(1, sum(widths.values()))
+    return out
+
+
+def reinitialize(model: nn.Module, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters") and m is not model:
+            m.reset_parameters()
+    return model
+
+
+def run_method(name: str, ctx: SearchContext) -> SearchResult:
+    """Run one method end to end: propose, check the budget, slim, fine-tune, measure."""
+    t0 = time.perf_counter()
+    proposal = get_method(name)(ctx)
+    widths = widths_of(proposal.keep)
+    check_widths(ctx.structure, widths, ctx.channel_multiple)
+    achieved = ctx.cost(widths)
+    assert_within(ctx.budget.metric, achieved, ctx.target_cost, ctx.budget.tolerance)
+    if proposal.finetuned and proposal.compact is not None:
+        model = proposal.compact
+    else:
+        model = slim(proposal.source, ctx.structure, proposal.keep)
+        if proposal.from_scratch:
+            reinitialize(model, ctx.seed)
+        ckpt = None if ctx.run_dir is None else Path(ctx.run_dir) / "finetune.pt"
+        train(model, ctx.data.train, ctx.finetune, val_set=ctx.data.val, checkpoint=ckpt,
+              teacher=ctx.baseline if ctx.finetune.distill_alpha > 0 else None, desc=f"{name} fine-tune")
+    model.eval()
+    metrics = measure(ctx, widths, model)
+    metrics["wall_s"] = round(time.perf_counter() - t0, 1)
+    return SearchResult(name, ArchSpec(ctx.structure.model_name, widths, proposal.keep), model, metrics,
+                        proposal.history)
+
+
+def measure(ctx: SearchContext, widths: dict[str, int], model: nn.Module) -> dict:
+    """The paper's figures for one architecture: MFLOPs, params, top-1 (test split, else val), budget error."""
+    test = ctx.data.test if ctx.data.test is not None else ctx.data.val
+    achieved = ctx.cost(widths)
+    out = {
+        "mflops": round(ctx.flops(widths) / 1e6, 3),
+        "params": int(ctx.params(widths)),
+        "top1": round(evaluate(model, test), 2),
+        "budget": {"metric": ctx.budget.metric, "target": _round(ctx.budget.metric, ctx.target_cost),
+                   "achieved": _round(ctx.budget.metric, achieved),
+                   "error_pct": round(100 * (achieved / ctx.target_cost - 1), 2)},
+    }
+    if ctx.latency is not None:
+        out["latency_ms"] = {"predicted": round(ctx.latency(widths), 4)}
+    return out
+
+
+def _round(metric: str, v: float) -> float:
+    return round(v / 1e6, 3) if metric == "flops" else (round(v, 4) if metric == "latency" else int(v))
+
+
+def copy_baseline(ctx: SearchContext) -> nn.Module:
+    return copy.deepcopy(ctx.baseline)

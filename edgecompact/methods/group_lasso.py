@@ -1,0 +1,163 @@
+"""Group Lasso / structured sparsity learning (Wen et al. 2016), on our coupled channel groups.
+
+One lasso group is one channel of a coupled group: every slice that channel owns (weight rows of the convs, linears
+and BNs that write it, input columns of the layers that read it). Penalty `lambda * sum c_g * sqrt(n_g) * ||W_gc||_2`
+with n_g the slice size and c_g the group's marginal cost (the budget's metric: FLOPs, params or ms), normalized to
+mean 1 over channels, so expensive channels are pushed harder. The classifier's output rows are never penalized.
+
+Schedule (option defaults): SGD at the fine-tune lr for `search_epochs`, zeroing |w| < 1e-4 after each step (Wen's
+README). lambda is chosen from the schedule unless given: the penalty alone would drive a channel with the median
+cost-normalized RMS to zero by the end of training (strength 1), so only channels the data loss defends survive.
+Channels are then ranked by their slice RMS (norm / sqrt(n_g), comparable across groups) and `fit_to_budget` cuts.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgecompact.budget import fit_to_budget
+from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, marginal_costs, register_method
+from edgecompact.structure import Structure
+from edgecompact.train import train
+
+LayerValues = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def channel_sums(structure: Structure, values: LayerValues) -> dict[str, torch.Tensor]:
+    """Sum an elementwise quantity over every slice each channel owns, per group.
+
+    `values[layer_name] = (like_weight, like_bias or None)`: tensors shaped like the layer's weight and bias (for a
+    BN: gamma and beta). Writers contribute their output rows (and bias), readers their input columns; layers
+    missing from `values` are skipped.
+    """
+    out = {g: torch.zeros(w) for g, w in structure.groups.items()}
+    for layer in structure.layers:
+        if layer.name not in values:
+            continue
+        w, b = values[layer.name]
+        if layer.out_group is not None:
+            g = layer.out_group
+            out[g] = out[g] + (w.flatten(1).sum(1) if w.dim() > 1 else w)
+            if b is not None:
+                out[g] = out[g] + b
+        if layer.op == "batchnorm" or layer.depthwise:
+            continue
+        pos = 0
+        for part, mult in zip(layer.in_parts, layer.in_multiplier):
+            width = structure.groups[part] if isinstance(part, str) else part
+            if isinstance(part, str):
+                cols = w[:, pos:pos + width * mult]
+                out[part] = out[part] + cols.reshape(cols.shape[0], width, mult, -1).sum((0, 2, 3))
+            pos += width * mult
+    return out
+
+
+def _values(model: nn.Module, structure: Structure, fn) -> LayerValues:
+    mods = dict(model.named_modules())
+    vals = {}
+    for layer in structure.layers:
+        m = mods[layer.name]
+        bias = getattr(m, "bias", None)
+        vals[layer.name] = (fn(m.weight), None if bias is None else fn(bias))
+    return vals
+
+
+def slice_sizes(model: nn.Module, structure: Structure) -> dict[str, int]:
+    """Number of parameters one channel of each group owns across all its slices."""
+    counts = channel_sums(structure, _values(model, structure, torch.ones_like))
+    return {g: int(c[0]) for g, c in counts.items()}
+
+
+def slice_norms(model: nn.Module, structure: Structure) -> dict[str, torch.Tensor]:
+    """Per-channel L2 norm of all coupled slices (differentiable; zero-guarded so the gradient at 0 is 0)."""
+    sq = channel_sums(structure, _values(model, structure, lambda t: t.pow(2)))
+    return {g: s.clamp_min(1e-20).sqrt() for g, s in sq.items()}
+
+
+def group_lasso_penalty(model: nn.Module, structure: Structure, weights: dict[str, float]) -> torch.Tensor:
+    """sum_g weights[g] * sum_c ||W_gc||_2 (weights[g] already holds sqrt(n_g) and any cost weighting)."""
+    norms = slice_norms(model, structure)
+    return sum(weights[g] * n.sum() for g, n in norms.items())
+
+
+def cost_weights(ctx: SearchContext) -> dict[str, float]:
+    """Each group's marginal cost per channel (the budget's metric), normalized to mean 1 over all channels."""
+    widths = ctx.structure.baseline_widths()
+    marg = marginal_costs(ctx.cost, ctx.structure, widths)
+    floor = 1e-6 * max(marg.values())  # a channel that saves nothing is still penalized a little
+    marg = {g: max(v, floor) for g, v in marg.items()}
+    mean = sum(marg[g] * w for g, w in widths.items()) / sum(widths.values())
+    return {g: v / mean for g, v in marg.items()}
+
+
+def _zero_small(threshold: float):
+    @torch.no_grad()
+    def after_step(model: nn.Module) -> None:
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)):
+                m.weight.masked_fill_(m.weight.abs() < threshold, 0.0)
+
+    return after_step
+
+
+def auto_lambda(ctx: SearchContext, model: nn.Module, cost_w: dict[str, float], lr: float, strength: float) -> float:
+    """lambda with which the penalty alone zeroes the median channel (by RMS / cost weight) in the schedule.
+
+    A channel's norm shrinks by lr_eff * lambda * c_g * sqrt(n_g) per step and equals sqrt(n_g) * rms, so it
+    reaches 0 after rms / (lr_eff * lambda * c_g) steps; lr_eff sums the cosine schedule and SGD's momentum gain.
+    """
+    cfg = ctx.search_config(lr=lr)
+    steps = max(1, len(ctx.data.train) // min(cfg.batch_size, len(ctx.data.train))) * max(1, cfg.epochs)
+    lr_sum = sum(0.5 * lr * (1 + math.cos(math.pi * s / steps)) for s in range(steps)) / (1 - cfg.momentum)
+    sizes = slice_sizes(model, ctx.structure)
+    with torch.no_grad():
+        norms = slice_norms(model, ctx.structure)
+    ratios = [float(v) / math.sqrt(sizes[g]) / cost_w[g] for g, n in norms.items() for v in n]
+    return strength * statistics.median(ratios) / lr_sum
+
+
+@register_method("group-lasso")
+def group_lasso(ctx: SearchContext) -> Proposal:
+    """Sparse-train a copy of the baseline with the (cost-weighted) group lasso, then cut to the budget by RMS."""
+    opts = ctx.options
+    lr = float(opts.get("lr", ctx.finetune.lr))
+    weighted = str(opts.get("cost_weighted", "true")).lower() in ("1", "true", "yes", "on")
+    model = copy_baseline(ctx)
+    structure = ctx.structure
+    cost_w = cost_weights(ctx) if weighted else {g: 1.0 for g in structure.groups}
+    sizes = slice_sizes(model, structure)
+    weights = {g: cost_w[g] * math.sqrt(sizes[g]) for g in structure.groups}
+    if "lambda" in opts:
+        lam = float(opts["lambda"])
+    else:
+        lam = auto_lambda(ctx, model, cost_w, lr, float(opts.get("strength", 1.0)))
+    ctx.log(f"group-lasso: lambda={lam:.3g} lr={lr:g} cost_weighted={weighted} epochs={ctx.search_epochs}")
+    hist = sparse_train(ctx, model, weights, lam, lr, float(opts.get("zero_below", 1e-4)),
+                        ctx.state_path("group_lasso.pt"))
+    with torch.no_grad():
+        norms = slice_norms(model, structure)
+    scores = {g: n / math.sqrt(sizes[g]) for g, n in norms.items()}
+    keep = fit_to_budget(structure, scores, ctx.cost, ctx.target_cost, ctx.budget.tolerance, ctx.channel_multiple)
+    zeros = sum(int((s < 1e-3).sum()) for s in scores.values())
+    history = [{"lambda": lam, "lr": lr, "cost_weighted": weighted, "epochs": ctx.search_epochs,
+                "cost_weights": {g: round(v, 4) for g, v in cost_w.items()},
+                "train": hist["epochs"], "channels_below_1e-3_rms": zeros,
+                "widths": {g: len(v) for g, v in keep.items()}}]
+    return Proposal(keep=keep, source=model, history=history)
+
+
+def sparse_train(ctx: SearchContext, model: nn.Module, weights: dict[str, float], lam: float, lr: float,
+                 zero_below: float = 1e-4, checkpoint: Path | None = None) -> dict:
+    """Train `model` in place on CE + lam * group_lasso_penalty (lam = 0: the same run without the penalty)."""
+
+    def regularizer(m: nn.Module) -> torch.Tensor:
+        return lam * group_lasso_penalty(m, ctx.structure, weights)
+
+    return train(model, ctx.data.train, ctx.search_config(lr=lr), val_set=ctx.data.val,
+                 checkpoint=checkpoint, regularizer=regularizer if lam > 0 else None,
+                 after_step=_zero_small(zero_below) if zero_below > 0 else None, desc="group-lasso")

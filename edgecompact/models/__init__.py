@@ -1,0 +1,17 @@
+"""The baseline model zoo: `list_models()`, `create_model(name, ...)`, `load_model(spec, ...)`.
+
+One file per family registers its factories with `@register_model`; a user's own model loads through the same
+`load_model` from `path/to/file.py:factory` or `package.module:factory`.
+"""
+
+from edgecompact.models import inception, mobilenet, resnet, resnet_cifar  # noqa: F401  (registers the zoo)
+from edgecompact.models.registry import (
+    ModelDefaults,
+    create_model,
+    list_models,
+    load_model,
+    model_defaults,
+    register_model,
+)
+
+__all__ = ["ModelDefaults", "create_model", "list_models", "load_model", "model_defaults", "register_model"]

@@ -1,0 +1,133 @@
+"""The model registry: zoo names -> factories, plus loading a user's own model from a file or a module.
+
+One entry point, `load_model`, turns a `--model` spec into an `nn.Module`. Factories build plain modules:
+nothing here trains, prunes or counts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from edgecompact.errors import ConfigError
+
+Factory = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """The setting a zoo model is used in by the paper (or its usual setting): classes, image size, dataset."""
+
+    num_classes: int
+    input_size: int
+    in_channels: int = 3
+    dataset: str = ""
+
+
+_FACTORIES: dict[str, Factory] = {}
+_DEFAULTS: dict[str, ModelDefaults] = {}
+
+
+def register_model(num_classes: int = 10, input_size: int = 32, dataset: str = "") -> Callable[[Factory], Factory]:
+    """Decorator: register a factory under its function name with its default setting."""
+
+    def wrap(fn: Factory) -> Factory:
+        if fn.__name__ in _FACTORIES:
+            raise ValueError(f"model {fn.__name__} registered twice")
+        _FACTORIES[fn.__name__] = fn
+        _DEFAULTS[fn.__name__] = ModelDefaults(num_classes=num_classes, input_size=input_size, dataset=dataset)
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Names of every zoo model, sorted."""
+    return sorted(_FACTORIES)
+
+
+def _check_name(name: str) -> None:
+    if name not in _FACTORIES:
+        raise ConfigError(f"unknown model '{name}' (known: {', '.join(list_models())})")
+
+
+def model_defaults(name: str) -> ModelDefaults:
+    """The default setting (classes, input size, dataset) of zoo model `name`."""
+    _check_name(name)
+    return _DEFAULTS[name]
+
+
+def create_model(name: str, num_classes: int | None = None, in_channels: int = 3, input_size: int | None = None,
+                 **kwargs: Any) -> nn.Module:
+    """Build zoo model `name`; `None` takes the model's default (`model_defaults(name)`). Extra kwargs go
+    to the factory (e.g. `shortcut=` of the CIFAR ResNets)."""
+    defaults = model_defaults(name)
+    return _FACTORIES[name](
+        num_classes=defaults.num_classes if num_classes is None else num_classes,
+        in_channels=in_channels,
+        input_size=defaults.input_size if input_size is None else input_size,
+        **kwargs,
+    )
+
+
+def _factory_from_spec(spec: str) -> Factory:
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise ConfigError(f"model file '{path}' not found (from --model {spec})")
+        module_name = f"_edgecompact_user_model_{abs(hash(str(path.resolve())))}"
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ConfigError(f"model file '{path}' cannot be imported as Python")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as e:  # a user's file may fail in any way; name it
+            del sys.modules[module_name]
+            raise ConfigError(f"model file '{path}' failed to import: {type(e).__name__}: {e}") from None
+        where = f"file '{path}'"
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ConfigError(f"model module '{target}' cannot be imported: {e}") from None
+        where = f"module '{target}'"
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"model factory '{attr}' not found in {where}")
+    return factory
+
+
+def load_model(spec: str, num_classes: int | None = None, in_channels: int = 3,
+               input_size: int | None = None) -> nn.Module:
+    """A model from a zoo name, `path/to/file.py:factory` or `package.module:factory`.
+
+    A user factory is called with whichever of num_classes / in_channels / input_size it accepts (values
+    left as None are not passed) and must return an `nn.Module`.
+    """
+    if ":" not in spec:
+        if spec.endswith(".py"):
+            raise ConfigError(f"--model {spec}: name the factory in the file, e.g. '{spec}:build_model'")
+        return create_model(spec, num_classes=num_classes, in_channels=in_channels, input_size=input_size)
+    factory = _factory_from_spec(spec)
+    offered = {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offered.items() if v is not None and (takes_any or k in params)}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model factory '{spec}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,241 @@
+"""Wiring of the stages for one search: baseline, structure, cost models, budget, SearchContext.
+
+The CLI, the benchmark scripts and the tests build their SearchContext here, so that every caller measures cost and
+budgets the same way. Stages stay plain functions on plain data; this file only connects them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgecompact.budget import Budget, check_budget, min_widths, parse_budget
+from edgecompact.cost.flops import arch_flops, arch_params
+from edgecompact.data import DataSplits
+from edgecompact.errors import ConfigError
+from edgecompact.methods.base import SearchContext
+from edgecompact.structure import Structure, analyze
+from edgecompact.train import TrainConfig, evaluate, load_checkpoint, train
+
+
+def latency_model(structure: Structure, target, profile: Path | None = None):
+    """(predict(widths) -> ms, source) from a measured table for `target`, else the labelled roofline estimate."""
+    from edgecompact.cost import latency as lat
+
+    return lat.latency_model(structure, target, profile)
+
+
+def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *, model_name: str = "model",
+                  finetune: TrainConfig | None = None, search_epochs: int = 4, channel_multiple: int = 1,
+                  precision: str = "fp32", target=None, profile: Path | None = None, run_dir: Path | None = None,
+                  seed: int = 0, options: dict | None = None, structure: Structure | None = None,
+                  baseline_top1: float | None = None, log=print) -> SearchContext:
+    """A SearchContext for `baseline` (already trained) on `data` under `budget` (a Budget or text like '0.33x')."""
+    if isinstance(budget, str):
+        budget = parse_budget(budget)
+    structure = structure or analyze(baseline, (data.in_channels, data.input_size, data.input_size), model_name)
+
+    def flops(widths: dict[str, int]) -> float:
+        return float(arch_flops(structure, widths))
+
+    def params(widths: dict[str, int]) -> float:
+        return float(arch_params(structure, widths))
+
+    latency = None
+    if target is not None:
+        latency = latency_model(structure, target, profile)[0]
+    if budget.metric == "flops":
+        cost = flops
+    elif budget.metric == "params":
+        cost = params
+    else:
+        if latency is None:
+            raise ConfigError("--metric latency needs --target (a latency table or the target's roofline estimate)")
+        cost = latency
+    base_widths = structure.baseline_widths()
+    baseline_cost = cost(base_widths)
+    target_cost = check_budget(budget, baseline_cost, cost(min_widths(structure, channel_multiple)))
+    finetune = finetune or TrainConfig()
+    if baseline_top1 is None:
+        test = data.test if data.test is not None else data.val
+        baseline_top1 = evaluate(baseline, test)
+    return SearchContext(
+        baseline=baseline, structure=structure, data=data, budget=budget, cost=cost, target_cost=target_cost,
+        baseline_cost=baseline_cost, flops=flops, params=params, finetune=replace(finetune, seed=seed),
+        search_epochs=search_epochs, channel_multiple=channel_multiple, precision=precision, latency=latency,
+        baseline_top1=baseline_top1, run_dir=run_dir, seed=seed, options=dict(options or {}), log=log,
+    )
+
+
+# ---- one search, end to end, in a run directory -------------------------------------------------------------
+
+
+@dataclass
+class SearchSpec:
+    """What `edgecompact search` was asked; stored as config.json so a re-run resumes the same search."""
+
+    model: str
+    data: str
+    method: str
+    budget: str
+    metric: str | None = None
+    tolerance: float = 0.02
+    target: str = "host"
+    input_size: int | None = None
+    limit: int | None = None
+    epochs: int = 10
+    finetune_epochs: int = 5
+    search_epochs: int = 4
+    batch_size: int = 128
+    lr: float = 0.05
+    seed: int = 0
+    channel_multiple: int | None = None  # None: the target's
+    precision: str | None = None  # None: the target's
+    profile: str | None = None
+    options: dict = field(default_factory=dict)
+
+
+def prepare_run_dir(run_dir: Path, spec: SearchSpec, force: bool) -> None:
+    """Create `run_dir`, or resume it when it holds the same search; refuse a different one without --force."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if cfg_path.is_file():
+            try:
+                old = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError:
+                old = None
+            if old == asdict(spec):
+                return  # same search: resume
+        if not force:
+            raise ConfigError(f"--out: {run_dir} already holds a different run; pass --force to overwrite it")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(cfg_path, json.dumps(asdict(spec), indent=1))
+    except OSError as e:
+        raise ConfigError(f"--out: cannot write to {run_dir}: {e.strerror}") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_baseline(spec: SearchSpec, data: DataSplits) -> nn.Module:
+    from edgecompact.models import load_model
+
+    return load_model(spec.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                      input_size=data.input_size)
+
+
+def train_baseline(model: nn.Module, data: DataSplits, cfg: TrainConfig, run_dir: Path, log=print) -> float:
+    """Train (or resume training) the baseline in `run_dir`; returns its test top-1."""
+    done = run_dir / "baseline.pt"
+    if done.is_file():
+        model.load_state_dict(load_checkpoint(done)["model"])
+    else:
+        log(f"training the baseline: {cfg.epochs} epochs")
+        train(model, data.train, cfg, val_set=data.val, checkpoint=run_dir / "baseline.ckpt", desc="baseline")
+        torch.save({"model": model.state_dict()}, done)
+        (run_dir / "baseline.ckpt").unlink(missing_ok=True)
+    model.eval()
+    return evaluate(model, data.test if data.test is not None else data.val)
+
+
+def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: bool = True, log=print) -> dict:
+    """`edgecompact search`: baseline -> method -> compact model, arch.json, report.json/md (and deploy)."""
+    from edgecompact.data import load_dataset
+    from edgecompact.methods.base import get_method, run_method
+    from edgecompact.report import result_record, write_report
+    from edgecompact.targets import get_target
+
+    target = get_target(spec.target)
+    get_method(spec.method)  # fail fast on an unknown method
+    budget = parse_budget(spec.budget, spec.metric, spec.tolerance)
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, spec, force)
+    data = load_dataset(spec.data, input_size=spec.input_size, limit=spec.limit, seed=spec.seed)
+    model = load_baseline(spec, data)
+    cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed)
+    t0 = time.perf_counter()
+    base_top1 = train_baseline(model, data, cfg, run_dir, log)
+    base_wall = time.perf_counter() - t0
+    structure = analyze(model, (data.in_channels, data.input_size, data.input_size), spec.model)
+    _write_atomic(run_dir / "structure.json", json.dumps(structure.to_dict()))
+    multiple = spec.channel_multiple or target.channel_multiple
+    precision = spec.precision or target.precision
+    profile = Path(spec.profile) if spec.profile else None
+    ctx = build_context(model, data, budget, model_name=spec.model,
+                        finetune=replace(cfg, epochs=spec.finetune_epochs), search_epochs=spec.search_epochs,
+                        channel_multiple=multiple, precision=precision, target=target, profile=profile,
+                        run_dir=run_dir, seed=spec.seed, options=spec.options, structure=structure,
+                        baseline_top1=base_top1, log=log)
+    lat_source = latency_model(structure, target, profile)[1]
+    result_path = run_dir / "result.json"
+    if result_path.is_file() and (run_dir / "compact.pt").is_file():
+        log(f"{spec.method}: already finished in {run_dir}; rebuilding the report")
+        result = json.loads(result_path.read_text())
+    else:
+        log(f"searching with {spec.method}: {budget.describe()} on {target.name}")
+        res = run_method(spec.method, ctx)
+        res.arch.save(run_dir / "arch.json")
+        torch.save({"model": res.model.state_dict()}, run_dir / "compact.pt")
+        _write_atomic(run_dir / "history.json", json.dumps(res.history, indent=1, default=str))
+        result = res.metrics
+        _write_atomic(result_path, json.dumps(result, indent=1))
+    base_widths = structure.baseline_widths()
+    baseline_metrics = {"mflops": round(ctx.flops(base_widths) / 1e6, 3), "params": int(ctx.params(base_widths)),
+                        "top1": round(base_top1, 2), "wall_s": round(base_wall, 1)}
+    if ctx.latency is not None:
+        baseline_metrics["latency_ms"] = {"predicted": round(ctx.latency(base_widths), 4)}
+    records = [result_record("baseline", spec, baseline_metrics, target.name, lat_source),
+               result_record(spec.method, spec, result, target.name, lat_source)]
+    if deploy:
+        from edgecompact.deploy_stage import deploy_run
+
+        deploy_run(run_dir, records, target, log=log)
+    report = write_report(run_dir, records, command=" ".join(sys.argv), protocol=_protocol(spec))
+    return report
+
+
+def _protocol(spec: SearchSpec) -> str:
+    return (f"{spec.model}, {spec.data}{f' ({spec.limit} train)' if spec.limit else ''}, "
+            f"{spec.epochs} baseline + {spec.search_epochs} search + {spec.finetune_epochs} fine-tune epochs, "
+            f"budget {spec.budget} {spec.metric or ''}".strip())
+
+
+def load_compact(run_dir: Path) -> tuple[nn.Module, SearchSpec, Structure]:
+    """Rebuild the compact model of a finished run directory (baseline architecture, slimmed, weights loaded)."""
+    from edgecompact.structure import ArchSpec, slim
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        spec = SearchSpec(**json.loads(cfg_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ConfigError(f"{cfg_path}: malformed ({e})") from None
+    for name in ("arch.json", "compact.pt", "structure.json"):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"{run_dir}: the search has not finished ({name} missing); re-run the search to resume")
+    structure = Structure.from_dict(json.loads((run_dir / "structure.json").read_text()))
+    c, h, _ = structure.input_shape
+    from edgecompact.models import load_model
+
+    n_classes = next(layer.out_channels for layer in reversed(structure.layers) if layer.out_group is None)
+    base = load_model(spec.model, num_classes=n_classes, in_channels=c, input_size=h)
+    arch = ArchSpec.load(run_dir / "arch.json")
+    model = slim(base, structure, arch.keep)
+    model.load_state_dict(load_checkpoint(run_dir / "compact.pt")["model"])
+    return model.eval(), spec, structure

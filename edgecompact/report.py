@@ -1,0 +1,179 @@
+"""Reports: the paper-style table (Markdown + JSON in the format of BENCHMARKS.md) and the plots made from it.
+
+Reads records that other stages produced; measures nothing itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import date
+from pathlib import Path
+
+from edgecompact import __version__
+from edgecompact.errors import ConfigError
+
+
+def machine() -> str:
+    import torch
+
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem = 0
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}"
+
+
+def versions() -> dict:
+    import torch
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"edgecompact": __version__, "torch": torch.__version__.split("+")[0]}
+    for key, dist in (("tvm", "apache-tvm"), ("onnxruntime", "onnxruntime")):
+        try:
+            out[key] = version(dist)
+        except PackageNotFoundError:
+            out[key] = "not installed"
+    return out
+
+
+def result_record(name: str, spec, metrics: dict, target: str, latency_source: str) -> dict:
+    """One BENCHMARKS.md record from a method's metrics; the latency source is named next to a predicted ms."""
+    rec = {"name": name, "model": spec.model, "dataset": spec.data.split(":")[0]}
+    for key in ("mflops", "params", "top1", "budget", "wall_s"):
+        if key in metrics and not (name == "baseline" and key == "budget"):
+            rec[key] = metrics[key]
+    lat = dict(metrics.get("latency_ms", {}))
+    if "predicted" in lat:
+        rec["latency_ms"] = {"predicted": lat["predicted"]}
+        rec["latency_source"] = f"{target}: {latency_source}"
+    return rec
+
+
+def bench_document(benchmark: str, command: str, protocol: str, results: list[dict]) -> dict:
+    return {"benchmark": benchmark, "command": command, "machine": machine(), "date": date.today().isoformat(),
+            "versions": versions(), "protocol": protocol, "results": results}
+
+
+_COLUMNS = [("name", "method"), ("model", "model"), ("dataset", "dataset"), ("mflops", "MFLOPs"),
+            ("params", "params"), ("top1", "top-1 %"), ("budget_error", "budget error %"),
+            ("predicted_ms", "predicted ms"), ("measured_ms", "measured ms"), ("speedup", "speedup"),
+            ("wall_s", "wall s")]
+
+
+def _flat(rec: dict, baseline: dict | None) -> dict:
+    row = {k: rec.get(k) for k in ("name", "model", "dataset", "mflops", "params", "top1", "wall_s")}
+    if "budget" in rec:
+        row["budget_error"] = rec["budget"].get("error_pct")
+    lat = rec.get("latency_ms", {})
+    row["predicted_ms"] = lat.get("predicted")
+    measured = {k: v for k, v in lat.items() if k != "predicted"}
+    if measured:
+        key = min(measured, key=measured.get)
+        row["measured_ms"] = f"{measured[key]:.3f} ({key})"
+        if baseline and key in baseline.get("latency_ms", {}):
+            row["speedup"] = f"{baseline['latency_ms'][key] / measured[key]:.2f}x"
+    return row
+
+
+def markdown_table(doc: dict) -> str:
+    results = doc["results"]
+    baseline = next((r for r in results if r["name"] == "baseline"), None)
+    rows = [_flat(r, baseline) for r in results]
+    cols = [(k, h) for k, h in _COLUMNS if any(r.get(k) is not None for r in rows)]
+    lines = [f"# {doc['benchmark']}", "", f"- command: `{doc['command']}`", f"- machine: {doc['machine']}",
+             f"- date: {doc['date']}", f"- protocol: {doc['protocol']}", "",
+             "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r.get(k) is None else str(r[k]) for k, _ in cols) + " |")
+    sources = sorted({r["latency_source"] for r in results if "latency_source" in r})
+    if sources:
+        lines += ["", "Predicted latency from: " + "; ".join(sources)]
+    return "\n".join(lines) + "\n"
+
+
+def write_bench(path_json: Path, doc: dict) -> None:
+    path_json = Path(path_json)
+    path_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path_json.with_name(path_json.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path_json)
+    path_json.with_suffix(".md").write_text(markdown_table(doc))
+
+
+def write_report(run_dir: Path, records: list[dict], command: str, protocol: str) -> dict:
+    doc = bench_document("search", command, protocol, records)
+    write_bench(Path(run_dir) / "report.json", doc)
+    return doc
+
+
+def load_records(paths: list[Path]) -> list[dict]:
+    """Records from run directories or report/benchmark JSON files; one baseline kept per model+dataset."""
+    out, seen = [], set()
+    for p in paths:
+        p = Path(p)
+        f = p / "report.json" if p.is_dir() else p
+        if not f.is_file():
+            raise ConfigError(f"{p}: no report.json (not a finished run directory or report file)")
+        try:
+            doc = json.loads(f.read_text())
+            results = doc["results"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConfigError(f"{f}: malformed report JSON") from None
+        for r in results:
+            key = (r.get("name"), r.get("model"), r.get("dataset"))
+            if r.get("name") == "baseline" and key in seen:
+                continue
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated (lower cost x, higher accuracy y)."""
+    idx = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i):
+            idx.append(i)
+    return idx
+
+
+def plot(records: list[dict], out_dir: Path) -> list[Path]:
+    """accuracy vs MFLOPs and vs measured ms (Pareto front marked); returns the PNG paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    written = []
+    axes = [("mflops", "MFLOPs", lambda r: r.get("mflops"))]
+
+    def measured(r):
+        lat = {k: v for k, v in r.get("latency_ms", {}).items() if k != "predicted"}
+        return min(lat.values()) if lat else None
+
+    axes.append(("ms", "measured latency (ms)", measured))
+    for tag, label, get in axes:
+        pts = [(get(r), r["top1"], r["name"]) for r in records if get(r) is not None and r.get("top1") is not None]
+        if len(pts) < 1:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        front = set(pareto([(x, y) for x, y, _ in pts]))
+        for i, (x, y, n) in enumerate(pts):
+            ax.scatter(x, y, marker="*" if i in front else "o", s=90 if i in front else 40)
+            ax.annotate(n, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        fr = sorted(pts[i] for i in front)
+        ax.plot([p[0] for p in fr], [p[1] for p in fr], "--", lw=0.8, color="gray", label="Pareto front")
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 (%)")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"accuracy_vs_{tag}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

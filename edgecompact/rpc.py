@@ -1,0 +1,110 @@
+"""TVM RPC plumbing for profiling: start a tracker and servers (loopback by default), reach them with bounded waits.
+
+A TVM RPC server has no authentication and runs whatever it is sent: everything here binds 127.0.0.1 unless
+the caller passes another host on purpose. Nothing here compiles or measures (edgecompact.profiling does).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+from tvm import rpc
+
+from edgecompact.errors import ConfigError, DeployError
+
+LOOPBACK = "127.0.0.1"
+CONNECT_TIMEOUT_S = 5.0
+
+
+def parse_address(text: str, argument: str = "--rpc") -> tuple[str, int]:
+    """'HOST:PORT' -> (host, port); ConfigError naming `argument` otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{argument}: expected HOST:PORT, got '{text}'")
+    return host, int(port)
+
+
+def start_tracker(host: str = LOOPBACK, port: int = 9190, port_end: int = 9290) -> rpc.tracker.Tracker:
+    """A TVM RPC tracker in a child process, on the first free port in [port, port_end). `.port` tells which."""
+    return rpc.tracker.Tracker(host=host, port=port, port_end=port_end, silent=True)
+
+
+def start_server(tracker: tuple[str, int], key: str, host: str = LOOPBACK, port: int = 9090,
+                 port_end: int = 9190) -> rpc.Server:
+    """A TVM RPC server in a child process, registered under `key` at `tracker`; `.terminate()` stops it."""
+    return rpc.Server(host=host, port=port, port_end=port_end, tracker_addr=tracker, key=key, silent=True)
+
+
+def servers_under_key(tracker: tuple[str, int], key: str, timeout: float = CONNECT_TIMEOUT_S) -> int:
+    """How many servers are registered under `key`; ConfigError when the tracker cannot be reached in `timeout`."""
+    session = _tracker_session(tracker, timeout)
+    try:
+        summary = session.summary()
+    finally:
+        session.close()
+    return sum(1 for s in summary.get("server_info", []) if s.get("key", "").split(":", 1)[-1] == key)
+
+
+def request_session(tracker: tuple[str, int], key: str, timeout: float, session_timeout: float = 600.0) -> Any:
+    """An RPC session with a free server under `key`, or DeployError when none answers within `timeout` s.
+
+    The server ends the session after `session_timeout` s, so a hung board cannot block the caller forever.
+    """
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            session = _tracker_session(tracker, max(0.5, deadline - time.monotonic()))
+            try:
+                return session.request(key, priority=1, session_timeout=session_timeout, max_retry=1)
+            finally:
+                session.close()
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- a dying server surfaces as OSError, RuntimeError or TVMError
+            last = e
+            time.sleep(0.5)
+    raise DeployError(f"RPC: no server under key '{key}' at tracker {tracker[0]}:{tracker[1]} answered within "
+                      f"{timeout:.0f} s ({type(last).__name__ if last else 'timeout'})")
+
+
+def _tracker_session(tracker: tuple[str, int], timeout: float) -> rpc.client.TrackerSession:
+    host, port = tracker
+    try:
+        socket.create_connection((host, port), timeout=min(timeout, CONNECT_TIMEOUT_S)).close()
+    except OSError as e:
+        raise ConfigError(f"--rpc: cannot reach the RPC tracker at {host}:{port} "
+                          f"({e.strerror or type(e).__name__})") from None
+    session = rpc.connect_tracker(host, port)
+    # The tracker queues a request until a server frees up; the socket timeout bounds that wait.
+    session._sock.settimeout(timeout)
+    return session
+
+
+def serve(key: str, host: str = LOOPBACK, port: int = 9090, tracker: tuple[str, int] | None = None,
+          tracker_port: int = 9190) -> None:
+    """Run an RPC server under `key` (and a tracker on `tracker_port` when `tracker` is None) until Ctrl-C.
+
+    This is `edgecompact rpc-server`: a loopback farm of one for trying `edgecompact profile --rpc`.
+    """
+    own_tracker = None
+    if tracker is None:
+        own_tracker = start_tracker(host, tracker_port, tracker_port + 100)
+        tracker = (host, own_tracker.port)
+    else:
+        servers_under_key(tracker, key)  # fail now, in one line, if the tracker is unreachable
+    server = start_server(tracker, key, host, port, port + 100)
+    print(f"RPC server on {host}:{server.port} under key '{key}', tracker {tracker[0]}:{tracker[1]} "
+          f"(no authentication: {'loopback only' if host == LOOPBACK else 'reachable from the network'}); "
+          "Ctrl-C stops it", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.terminate()
+        if own_tracker is not None:
+            own_tracker.terminate()

@@ -1,0 +1,68 @@
+"""Budgets: parsing, impossible budgets, and width fitting that lands inside the tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgecompact.budget import fit_to_budget, fit_uniform, parse_budget, within
+from edgecompact.errors import BudgetError, ConfigError
+from edgecompact.models import create_model
+from edgecompact.pipeline import build_context
+from edgecompact.structure import analyze
+
+
+def test_parse_budget_units():
+    assert parse_budget("0.33x").relative and parse_budget("0.33x").metric == "flops"
+    assert parse_budget("48M").value == 48e6
+    assert parse_budget("120k", metric="params").value == 120e3
+    b = parse_budget("12ms")
+    assert b.metric == "latency" and b.value == 12
+
+
+@pytest.mark.parametrize("text,err", [("0x", BudgetError), ("-1M", ConfigError), ("1.5x", BudgetError),
+                                      ("lots", ConfigError)])
+def test_bad_budgets_name_the_argument(text, err):
+    with pytest.raises(err, match="--budget"):
+        parse_budget(text)
+
+
+@pytest.fixture(scope="module")
+def r20():
+    from edgecompact.cost.flops import arch_flops
+
+    model = create_model("resnet20", num_classes=10, in_channels=3, input_size=32)
+    st = analyze(model, (3, 32, 32))
+    return st, lambda w: float(arch_flops(st, w))
+
+
+@pytest.mark.parametrize("frac", [0.2, 0.33, 0.5, 0.8])
+@pytest.mark.parametrize("multiple", [1, 4, 8])
+def test_fit_to_budget_lands_within_tolerance(r20, frac, multiple):
+    st, cost = r20
+    target = frac * cost(st.baseline_widths())
+    g = torch.Generator().manual_seed(0)
+    scores = {k: torch.rand(v, generator=g) for k, v in st.groups.items()}
+    keep = fit_to_budget(st, scores, cost, target, 0.02, multiple)
+    widths = {k: len(v) for k, v in keep.items()}
+    assert within(cost(widths), target, 0.02)
+    assert all(w % multiple == 0 or st.groups[k] <= multiple for k, w in widths.items())
+    for k, v in keep.items():  # the highest-scoring channels are the ones kept
+        rest = sorted(set(range(st.groups[k])) - set(v))
+        if rest:
+            assert scores[k][v].min() >= scores[k][rest].max()
+
+
+def test_fit_uniform_lands_within_tolerance(r20):
+    st, cost = r20
+    target = 0.33 * cost(st.baseline_widths())
+    widths = fit_uniform(st, cost, target, 0.02, 4)
+    assert within(cost(widths), target, 0.02)
+
+
+def test_budget_above_baseline_or_unreachable_is_refused(digits16):
+    model = create_model("resnet20", num_classes=10, in_channels=1, input_size=16)
+    with pytest.raises(BudgetError, match="not below the baseline"):
+        build_context(model, digits16, "1e12", baseline_top1=10.0)
+    with pytest.raises(BudgetError, match="unreachable"):
+        build_context(model, digits16, "0.001x", channel_multiple=8, baseline_top1=10.0)
