@@ -27,10 +27,23 @@ from edgecompact.train import TrainConfig, evaluate, load_checkpoint, train
 
 
 def latency_model(structure: Structure, target, profile: Path | None = None):
-    """(predict(widths) -> ms, source) from a measured table for `target`, else the labelled roofline estimate."""
-    from edgecompact.cost import latency as lat
+    """(predict(widths) -> ms, label): the target's measured table for this search space, else its labelled
+    roofline estimate (also when a measured table does not cover this model's layer shapes)."""
+    from edgecompact.cost.latency import LatencyTable, table_for
+    from edgecompact.cost.roofline import roofline_table
 
-    return lat.latency_model(structure, target, profile)
+    table = LatencyTable.load(Path(profile), target) if profile else table_for(target, structure)
+    try:
+        table.predict(structure, structure.baseline_widths())
+    except ConfigError:
+        if profile:
+            raise
+        table = roofline_table(structure, target)
+
+    def predict(widths: dict[str, int]) -> float:
+        return table.predict(structure, widths)
+
+    return predict, table.label
 
 
 def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *, model_name: str = "model",

@@ -27,7 +27,7 @@ from tvm import relax
 
 from edgecompact import rpc as ec_rpc
 from edgecompact.cost.latency import Entry, LatencyTable, LayerKey, layer_grid
-from edgecompact.deploy.tvm import compile_relax, time_executable, tvm_target
+from edgecompact.deploy.tvm import compile_relax, export_library, time_executable, tvm_target
 from edgecompact.errors import ConfigError, DeployError
 from edgecompact.structure import Structure
 from edgecompact.targets import Target
@@ -35,7 +35,9 @@ from edgecompact.targets import Target
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 REPEAT = 5  # timed repeats per grid point; the table keeps their median
 MIN_REPEAT_MS = 20.0  # each repeat averages enough runs to last about this long
-DEFAULT_TUNE_TRIALS = 0  # untuned: see docs/profiling.md (a tuned table of ResNet-32 takes hours on 2 cores)
+# Untuned (TVM's default CPU pipeline: naive conv loops). Tuning is per grid point (~150 s for 16 trials of one
+# layer here), so a tuned ResNet-32 table (185 points) would take about 8 hours on 2 cores.
+DEFAULT_TUNE_TRIALS = 0
 RPC_TIMEOUT_S = 60.0  # longest wait for a free server before a job is given up
 RPC_TRIES = 3  # attempts per grid point when servers die under it
 
@@ -74,11 +76,14 @@ def layer_module(key: LayerKey, c_in: int, c_out: int) -> tuple[tvm.IRModule, li
 
 
 def _padding(key: LayerKey) -> tuple[int, int, int, int]:
-    """(top, left, bottom, right) padding that maps in_hw to out_hw for this kernel and stride."""
+    """(top, left, bottom, right) padding mapping in_hw to out_hw: PyTorch's symmetric k // 2 when it fits."""
     pads = []
     for i, o, k, s in zip(key.in_hw, key.out_hw, key.kernel, key.stride):
-        total = max(0, (o - 1) * s + k - i)
-        pads.append((total // 2, total - total // 2))
+        if (i + 2 * (k // 2) - k) // s + 1 == o:
+            pads.append((k // 2, k // 2))
+        else:
+            total = max(0, (o - 1) * s + k - i)
+            pads.append((total // 2, total - total // 2))
     return pads[0][0], pads[1][0], pads[0][1], pads[1][1]
 
 
@@ -179,7 +184,7 @@ def _profile_rpc(todo: list[tuple], target: Target, rpc: tuple[str, int, str], t
     results: queue.Queue = queue.Queue()
     compile_lock = threading.Lock()
     stop = threading.Event()
-    cc = target.cross_compiler
+    device_type = tvm_target(target).get_target_device_type()
 
     def worker() -> None:
         with tempfile.TemporaryDirectory(prefix="edgecompact-rpc-") as tmp:
@@ -193,15 +198,12 @@ def _profile_rpc(todo: list[tuple], target: Target, rpc: tuple[str, int, str], t
                     lib = Path(tmp) / f"layer{threading.get_ident()}.so"
                     with compile_lock:
                         ex = compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir)
-                        ex.export_library(str(lib), **({"fcompile": _cross(cc)} if cc else {}))
+                        export_library(ex, lib, target)
                 except Exception as e:  # noqa: BLE001 -- a compile failure ends the run, reported by the caller
                     results.put((job, e))
                     return
                 try:
-                    session = ec_rpc.request_session((host, port), key, RPC_TIMEOUT_S)
-                    session.upload(str(lib))
-                    dev = session.device(tvm_target(target).get_target_device_type())
-                    ms = _timed_ms(session.load_module(lib.name), args, dev)
+                    ms = _timed_remote((host, port), key, lib, args, device_type)
                 except DeployError as e:
                     results.put((job, e))
                     return
@@ -227,7 +229,9 @@ def _profile_rpc(todo: list[tuple], target: Target, rpc: tuple[str, int, str], t
         stop.set()
 
 
-def _cross(cc: str) -> Callable:
-    from tvm.contrib import cc as tvm_cc
-
-    return tvm_cc.cross_compiler(cc)
+def _timed_remote(tracker: tuple[str, int], key: str, lib: Path, args: list[np.ndarray], device_type: int) -> float:
+    """Upload `lib` to a free server under `key` and time it there. Every remote handle is local to this call,
+    so the session ends (and the server returns to the tracker) when it returns."""
+    session = ec_rpc.request_session(tracker, key, RPC_TIMEOUT_S)
+    session.upload(str(lib))
+    return _timed_ms(session.load_module(lib.name), args, session.device(device_type))

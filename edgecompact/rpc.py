@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from tvm import rpc
+from tvm.rpc.tracker import Tracker
 
 from edgecompact.errors import ConfigError, DeployError
 
@@ -27,9 +28,9 @@ def parse_address(text: str, argument: str = "--rpc") -> tuple[str, int]:
     return host, int(port)
 
 
-def start_tracker(host: str = LOOPBACK, port: int = 9190, port_end: int = 9290) -> rpc.tracker.Tracker:
+def start_tracker(host: str = LOOPBACK, port: int = 9190, port_end: int = 9290) -> Tracker:
     """A TVM RPC tracker in a child process, on the first free port in [port, port_end). `.port` tells which."""
-    return rpc.tracker.Tracker(host=host, port=port, port_end=port_end, silent=True)
+    return Tracker(host=host, port=port, port_end=port_end, silent=True)
 
 
 def start_server(tracker: tuple[str, int], key: str, host: str = LOOPBACK, port: int = 9090,

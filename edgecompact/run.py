@@ -27,7 +27,6 @@ class _NoTorch(importlib.abc.MetaPathFinder):
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
         if name == "torch" or name.startswith("torch."):
             raise ImportError("torch is hidden in this process")
-        return None
 
 
 def hide_torch() -> None:
@@ -57,7 +56,7 @@ def load_manifest(artifact: Path) -> dict[str, Any]:
 def check_input(manifest: dict[str, Any], x: Any, where: str) -> None:
     want_shape, want_dtype = tuple(manifest["input"]["shape"]), manifest["input"]["dtype"]
     if tuple(x.shape) != want_shape or str(x.dtype) != want_dtype:
-        raise DeployError(f"{where}: input is {str(x.dtype)}{list(x.shape)}, the artifact expects "
+        raise DeployError(f"{where}: input is {x.dtype!s}{list(x.shape)}, the artifact expects "
                           f"{want_dtype}{list(want_shape)}")
 
 

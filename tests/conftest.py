@@ -44,3 +44,18 @@ def make_context(digits16, trained_resnet20):
         return build_context(copy.deepcopy(trained_resnet20), digits16, budget, model_name="resnet20", **kw)
 
     return make
+
+
+@pytest.fixture
+def count_mflops():
+    """count_mflops(model, ctx) -> MFLOPs of one forward at batch 1, counted by torch's own FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(model, ctx) -> float:
+        c, s = ctx.data.in_channels, ctx.data.input_size
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, c, s, s))
+        return counter.get_total_flops() / 1e6
+
+    return count

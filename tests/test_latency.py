@@ -33,6 +33,8 @@ def _structure() -> Structure:
 def _bilinear(key: LayerKey, c_in: int, c_out: int) -> float:
     """A latency model that bilinear interpolation must reproduce exactly (distinct per key)."""
     h = key.in_hw[0] + 3 * key.stride[0] + (7 if key.depthwise else 0) + (11 if key.op == "linear" else 0)
+    if key.depthwise:  # one axis: linear in the width
+        c_in = 1
     return 0.01 * h + 0.002 * c_in + 0.003 * c_out + 1e-4 * h * c_in * c_out
 
 
@@ -51,7 +53,8 @@ def test_grid_spans_one_eighth_to_full_width_per_kind():
     assert [str(k) for k in grid] == ["conv2d k3x3 s1x1 dense 16x16->16x16 fp32",
                                       "conv2d k3x3 s2x2 dw 16x16->8x8 fp32", "linear fp32"]
     conv = grid[next(iter(grid))]
-    assert conv == ([2, 3, 4, 8, 12, 16], [2, 4, 8, 16, 24, 32])  # stem's fixed c_in=3 joins the shared kind
+    # the stem (c_in fixed at 3, c_out = a) and conv (a -> b) share one kind: their axes are united
+    assert conv == ([2, 3, 4, 8, 12, 16], [2, 4, 8, 12, 16, 24, 32])
     assert grid[LayerKey.parse("conv2d k3x3 s2x2 dw 16x16->8x8 fp32")] == ([], [4, 8, 16, 24, 32])
     assert grid[LayerKey.parse("linear fp32")] == ([4, 8, 16, 24, 32], [10])
     for key in grid:
@@ -96,7 +99,8 @@ def test_extrapolation_is_linear_above_and_never_negative_below():
     conv, key = s.layers[1], LayerKey.of(s.layers[1], "fp32")
     assert table.layer_ms(conv, 16, 40) == pytest.approx(_bilinear(key, 16, 40), rel=1e-9)  # bilinear: still exact
     assert table.layer_ms(conv, 1, 1) >= 0.0
-    table.entries[key].ms = [[1.0 - 0.01 * j for j in range(6)] for _ in range(6)]  # decreasing with c_out
+    entry = table.entries[key]
+    entry.ms = [[1.0 - 0.01 * j for j in range(len(entry.c_out))] for _ in entry.c_in]  # decreasing with c_out
     assert table.layer_ms(conv, 16, 64) == pytest.approx(table.layer_ms(conv, 16, 32))  # no negative slope outside
 
 
@@ -104,7 +108,7 @@ def test_predict_sums_conv_and_linear_layers_with_batchnorm_folded_and_applies_c
     s = _structure()
     table = _table(s)
     widths = {"a": 10, "b": 20}
-    expected = sum(_bilinear(LayerKey.of(layer, "fp32"), c_in if not layer.depthwise else c_out, c_out)
+    expected = sum(_bilinear(LayerKey.of(layer, "fp32"), c_in, c_out)
                    for layer, c_in, c_out in s.channels(widths) if layer.op != "batchnorm")
     assert table.predict(s, widths) == pytest.approx(expected, rel=1e-9)
     table.correction = {"scale": 1.5, "offset_ms": 0.25, "fitted_on": "test"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,7 @@ def tune(mod: tvm.IRModule, target: Target, trials_per_task: int, db_dir: Path) 
                "--target", str(tgt), "--db", str(db_dir),
                "--trials-per-task", str(trials_per_task), "--summary", str(summary_path)]
         env = {**os.environ, "TVM_FFI_DISABLE_TORCH_C_DLPACK": "1"}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"MetaSchedule tuning failed (exit {proc.returncode}): {tail[0]}\n{proc.stderr[-4000:]}")
@@ -121,7 +122,7 @@ def compile_relax(mod: tvm.IRModule, target: Target, *, tune_trials: int = 0,
 def set_num_threads(n: int) -> None:
     """Size TVM's CPU thread pool (the runtime's own pool, not torch's or onnxruntime's)."""
     os.environ["TVM_NUM_THREADS"] = str(n)
-    tvm.get_global_func("runtime.config_threadpool")(0, n)
+    tvm.get_global_func("runtime.config_threadpool")(1, n)  # mode 1: big cores, n threads
 
 
 def time_executable(ex: Any, args: list[np.ndarray], *, number: int, repeat: int,
@@ -136,3 +137,27 @@ def time_executable(ex: Any, args: list[np.ndarray], *, number: int, repeat: int
     vm["main"](*inputs)
     result = vm.time_evaluator("main", dev, number=number, repeat=repeat)(*inputs)
     return [float(r) * 1e3 for r in result.results]
+
+
+def export_library(ex: relax.VMExecutable, path: Path, target: Target) -> Path:
+    """Write the shared library, cross-compiled with the target's compiler when it has one."""
+    path = Path(path)
+    if target.cross_compiler:
+        if shutil.which(target.cross_compiler) is None:
+            raise DeployError(f"{target.source or target.name}: cross_compiler '{target.cross_compiler}' not found "
+                              "(Debian: apt-get install gcc-aarch64-linux-gnu)")
+        ex.export_library(str(path), cc=target.cross_compiler)
+    else:
+        ex.export_library(str(path))
+    return path
+
+
+def runnable_here(target: Target) -> str | None:
+    """None when this process can run the target's library, else one line saying what is missing."""
+    tgt = tvm_target(target)
+    if is_gpu(tgt) and not tvm.runtime.enabled(tgt.kind.name):
+        return (f"{target.name}: built, not run here: this TVM has no {tgt.kind.name} runtime "
+                f"(tvm.runtime.enabled('{tgt.kind.name}') is False); run it on the board or over RPC")
+    if not target.runnable_here:
+        return f"{target.name}: built, not run here: cross-compiled for another machine; run it on the board or over RPC"
+    return None

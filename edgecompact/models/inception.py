@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from edgecompact.errors import ConfigError
 from edgecompact.models.registry import register_model
 
-# The smallest input each variant's strides and valid-padded convs accept (found by trying sizes).
-MIN_SIZE_64, MIN_SIZE_299 = 15, 75
+# The smallest input the 64x64 variant's strides and unpadded convs accept (75 for the 299x299 original).
+MIN_SIZE_64 = 15
 
 
 class BasicConv2d(nn.Sequential):
@@ -136,9 +136,3 @@ def inception_v3_imagenet64(num_classes: int = 1000, in_channels: int = 3, input
     _check_size(input_size, MIN_SIZE_64, "inception_v3_imagenet64")
     return InceptionV3(num_classes, in_channels, small_input=True)
 
-
-@register_model(num_classes=1000, input_size=299, dataset="imagenet")
-def inception_v3(num_classes: int = 1000, in_channels: int = 3, input_size: int = 299) -> nn.Module:
-    """The standard InceptionV3 for 299x299 input (23.83 M params without the auxiliary head)."""
-    _check_size(input_size, MIN_SIZE_299, "inception_v3")
-    return InceptionV3(num_classes, in_channels, small_input=False)

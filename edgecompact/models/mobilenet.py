@@ -1,7 +1,7 @@
 """MobileNetV2 (Sandler et al. 2018): inverted residual blocks with depthwise 3x3 convs, width multiplier 1.0.
 
 For 32x32 input (CIFAR) the first conv and the second stage use stride 1 instead of 2, so the last stage runs at
-4x4 (as in the common CIFAR ports); at 224x224 `mobilenet_v2` keeps the original strides. A depthwise conv's
+4x4 (as in the common CIFAR ports); `small_input=False` is the 224x224 original. A depthwise conv's
 channels are tied to its input, which is what exercises that case of the channel structure. No training logic.
 """
 
@@ -66,8 +66,3 @@ def mobilenet_v2_cifar(num_classes: int = 10, in_channels: int = 3, input_size: 
     """MobileNetV2 for 32x32 input (stride 1 in the first conv and the second stage)."""
     return MobileNetV2(num_classes, in_channels, small_input=True)
 
-
-@register_model(num_classes=1000, input_size=224, dataset="imagenet")
-def mobilenet_v2(num_classes: int = 1000, in_channels: int = 3, input_size: int = 224) -> nn.Module:
-    """The original MobileNetV2 for 224x224 input (3.50 M params, 0.60 GFLOPs = 2 x 300 M MACs)."""
-    return MobileNetV2(num_classes, in_channels, small_input=False)

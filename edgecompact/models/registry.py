@@ -90,11 +90,7 @@ def _factory_from_spec(spec: str) -> Factory:
             raise ConfigError(f"model file '{path}' cannot be imported as Python")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[module_name] = module
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as e:  # a user's file may fail in any way; name it
-            del sys.modules[module_name]
-            raise ConfigError(f"model file '{path}' failed to import: {type(e).__name__}: {e}") from None
+        loader_spec.loader.exec_module(module)  # errors inside the user's own code keep their traceback
         where = f"file '{path}'"
     else:
         try:

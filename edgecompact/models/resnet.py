@@ -69,11 +69,6 @@ class ResNet(nn.Module):
 
 @register_model(num_classes=1000, input_size=64, dataset="imagenet64")
 def resnet50_imagenet64(num_classes: int = 1000, in_channels: int = 3, input_size: int = 64) -> nn.Module:
-    """ResNet-50 for 64x64 input: no stem max-pool (at 224x224 input use the standard stem, see `resnet50`)."""
+    """ResNet-50 for 64x64 input: no stem max-pool (`ResNet(..., stem_maxpool=True)` is the 224x224 original)."""
     return ResNet((3, 4, 6, 3), num_classes, in_channels, stem_maxpool=False)
 
-
-@register_model(num_classes=1000, input_size=224, dataset="imagenet")
-def resnet50(num_classes: int = 1000, in_channels: int = 3, input_size: int = 224) -> nn.Module:
-    """The standard ImageNet ResNet-50 (25.56 M params, 8.18 GFLOPs at 224x224)."""
-    return ResNet((3, 4, 6, 3), num_classes, in_channels, stem_maxpool=True)

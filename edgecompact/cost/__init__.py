@@ -1,0 +1,1 @@
+"""Cost models of an architecture: FLOPs and parameters (flops.py), latency tables (latency.py), roofline."""

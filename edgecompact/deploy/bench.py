@@ -1,0 +1,122 @@
+"""Measured latency of deploy artifacts: torch eager, onnxruntime and TVM, batch 1, in one process.
+
+Median of >= 50 runs after warm-up, thread counts set explicitly for every runtime (torch and onnxruntime
+intra-op threads, TVM's pool). A remote board is reached through a TVM RPC tracker. Writes nothing but
+the bench.json it is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import tvm
+from torch import nn
+from tvm import relax, rpc
+
+from edgecompact import run
+from edgecompact.deploy import onnx as eonnx
+from edgecompact.deploy import tvm as etvm
+from edgecompact.errors import DeployError
+from edgecompact.targets import Target
+
+MIN_RUNS = 50
+
+
+def _median(fn: Any, runs: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def time_torch(model: nn.Module, x: np.ndarray, runs: int = MIN_RUNS) -> float:
+    """Median ms of torch eager inference (no_grad, eval) at the current torch thread count."""
+    model = model.eval()
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        return _median(lambda: model(xt), runs)
+
+
+def time_ort(path: Path, x: np.ndarray, runs: int = MIN_RUNS, threads: int = 1) -> float:
+    sess = eonnx.session(path, threads)
+    name = sess.get_inputs()[0].name
+    return _median(lambda: sess.run(None, {name: x}), runs)
+
+
+def time_tvm(lib: Path, x: np.ndarray, runs: int = MIN_RUNS, device: str = "cpu") -> float:
+    """Median ms of the library run locally (TVM's time_evaluator: one warm-up, then `runs` single runs)."""
+    ex = tvm.runtime.load_module(str(lib))
+    dev = tvm.device(device, 0)
+    return float(np.median(etvm.time_executable(ex, [x], number=1, repeat=runs, device=dev)))
+
+
+def time_tvm_rpc(lib: Path, x: np.ndarray, tracker: str, key: str, runs: int = MIN_RUNS,
+                 device: str = "cpu") -> float:
+    """Median ms of the library on a board reached through the RPC tracker `host:port` under `key`."""
+    host, _, port = tracker.rpartition(":")
+    if not host or not port.isdigit():
+        raise DeployError(f"--rpc {tracker}: expected host:port of a TVM RPC tracker")
+    try:
+        remote = rpc.connect_tracker(host, int(port)).request(key, priority=1, session_timeout=600)
+    except (tvm.TVMError, OSError, RuntimeError) as e:
+        raise DeployError(f"--rpc {tracker} --key {key}: no board ({str(e).splitlines()[0][:120]})") from None
+    remote.upload(str(lib))
+    dev = remote.device(device, 0)
+    vm = relax.VirtualMachine(remote.load_module(Path(lib).name), dev)
+    inp = tvm.runtime.tensor(x, dev)
+    vm["main"](inp)
+    result = vm.time_evaluator("main", dev, number=1, repeat=runs)(inp)
+    return float(np.median(result.results)) * 1e3
+
+
+def bench_artifacts(paths: list[Path], *, runs: int = MIN_RUNS, threads: int = 1, rpc_tracker: str | None = None,
+                    rpc_key: str | None = None, models: dict[str, nn.Module] | None = None,
+                    write: bool = True) -> dict[str, Any]:
+    """Time every artifact in `paths` in this process; returns {"results": [...]}, one record per artifact.
+
+    Latency keys name target and runtime (`host-tvm`, `host-ort`, `host-torch`, `rpi4-tvm`, ...). An artifact
+    whose target does not run here is timed over RPC when `rpc_tracker` is given (key: `rpc_key` or the
+    target's rpc_key), else it gets a `skipped` line. `models` maps an artifact path to its torch module for
+    the torch eager figure. With `write`, each artifact directory gets a bench.json.
+    """
+    if runs < MIN_RUNS:
+        raise DeployError(f"--runs {runs}: the protocol needs at least {MIN_RUNS} runs")
+    torch.set_num_threads(threads)
+    etvm.set_num_threads(threads)
+    results = []
+    for art in map(Path, paths):
+        manifest = run.load_manifest(art)
+        target = Target(**{k: v for k, v in manifest["target"].items()})
+        inp = manifest["input"]
+        x = np.random.default_rng(0).standard_normal(inp["shape"]).astype(inp["dtype"])
+        lib, name = art / manifest["library"], target.name
+        if run.sha256(lib) != manifest["sha256"]:
+            raise DeployError(f"{lib}: sha256 does not match manifest.json")
+        rec: dict[str, Any] = {"artifact": str(art), "target": name, "precision": manifest["precision"],
+                               "threads": threads, "runs": runs, "latency_ms": {}}
+        not_here = etvm.runnable_here(target)
+        if not_here is None:
+            rec["latency_ms"][f"{name}-tvm"] = time_tvm(lib, x, runs, manifest.get("device", "cpu"))
+            rec["latency_ms"][f"{name}-ort"] = time_ort(art / manifest["onnx"], x, runs, threads)
+            if models and str(art) in models:
+                rec["latency_ms"][f"{name}-torch"] = time_torch(models[str(art)], x, runs)
+        elif rpc_tracker:
+            key = rpc_key or target.rpc_key or name
+            rec["latency_ms"][f"{name}-tvm"] = time_tvm_rpc(lib, x, rpc_tracker, key, runs,
+                                                            manifest.get("device", "cpu"))
+        else:
+            rec["skipped"] = not_here
+        rec["latency_ms"] = {k: round(v, 4) for k, v in rec["latency_ms"].items()}
+        if write:
+            (art / "bench.json").write_text(json.dumps(rec, indent=1))
+        results.append(rec)
+    return {"results": results}

@@ -1,0 +1,321 @@
+"""MorphNet (Gordon et al. 2018): shrink with a resource-weighted L1 on BatchNorm gammas, expand uniformly, repeat.
+
+Shrink: train on `loss + lambda * G`. MorphNet's bilinear relaxation of a conv's cost `C_L * A_in * A_out` is
+`G_L = C_L * (A_in * sum|gamma_out| + A_out * sum|gamma_in|)` with the alive counts A held constant per step; summed
+over layers, each group's `sum|gamma|` is weighted by `dF/dA_g`, the cost of one more alive channel of that group.
+`morphnet` uses FLOPs (C_L = 2 * H_out * W_out * k_h * k_w, conv/linear only); `morphnet-latency` replaces the
+`C_L * A` terms by each group's marginal latency from `ctx.latency` (the target's LatencyTable, or its labelled
+roofline estimate) at the current alive widths. A residual group's gamma is the max over its BNs (alive if any
+member is); a group with no BN uses its filters' sqrt(mean(w^2)) (MorphNet's GroupLasso regularizer).
+Expand: one width multiplier over the alive widths, bisected to the budget (capped at the baseline width,
+rounded to the channel multiple), refined by `fit_to_budget` when rounding leaves it outside the tolerance.
+Shrink/expand runs `iterations` times in the baseline's channel space: channels outside the expanded widths are
+masked (zeroed) during the next shrink, and revived from the baseline when a later expansion takes them back.
+Nothing here slims or fine-tunes: `run_method` does.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from edgecompact.budget import fit_to_budget, within
+from edgecompact.errors import ConfigError
+from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, marginal_costs, register_method
+from edgecompact.structure import Structure, channel_masks, keep_from_scores, round_width
+from edgecompact.train import train
+
+# Default of the `from_scratch` option: the better of the two on digits (see the module's report in benchmarks/).
+FROM_SCRATCH_DEFAULT = False
+LAMBDA_STRENGTH = 1.0  # see schedule_lambda
+WeightFn = Callable[[dict[str, int]], dict[str, float]]
+
+
+def group_gammas(model: nn.Module, structure: Structure) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """|gamma| per group (differentiable) and its kind: "bn" (max over the group's BNs) or "filter" (no BN)."""
+    mods = dict(model.named_modules())
+    bns: dict[str, list[torch.Tensor]] = {g: [] for g in structure.groups}
+    filters: dict[str, list[torch.Tensor]] = {g: [] for g in structure.groups}
+    for layer in structure.layers:
+        if layer.out_group is None:
+            continue
+        weight = getattr(mods[layer.name], "weight", None)
+        if weight is None:
+            continue
+        if layer.op == "batchnorm":
+            bns[layer.out_group].append(weight.abs())
+        else:
+            filters[layer.out_group].append(weight.flatten(1).pow(2).mean(1).sqrt())
+    gammas, kinds = {}, {}
+    for g in structure.groups:
+        members, kinds[g] = (bns[g], "bn") if bns[g] else (filters[g], "filter")
+        gammas[g] = torch.stack(members).amax(0) if len(members) > 1 else members[0]
+    return gammas, kinds
+
+
+@torch.no_grad()
+def alive_widths(gammas: dict[str, torch.Tensor], kinds: dict[str, str], threshold: float) -> dict[str, int]:
+    """Channels with |gamma| above `threshold` times the largest |gamma| of the same kind (BN scale or filter norm)."""
+    top = {}
+    for g, v in gammas.items():
+        top[kinds[g]] = max(top.get(kinds[g], 0.0), float(v.max()))
+    return {g: int((v > threshold * top[kinds[g]]).sum()) for g, v in gammas.items()}
+
+
+def histogram_alive(gammas: dict[str, torch.Tensor], kinds: dict[str, str], cost, goal: float,
+                    threshold: float) -> tuple[dict[str, int], float]:
+    """Alive widths at the fixed relative `threshold`, or, when their cost is still above `goal` (a short shrink
+    leaves gammas small but not zero), at the lowest relative threshold of the |gamma| histogram that reaches it."""
+    def cost_at(t: float) -> float:
+        return cost({g: max(1, a) for g, a in alive_widths(gammas, kinds, t).items()})
+
+    if cost_at(threshold) <= goal:
+        return alive_widths(gammas, kinds, threshold), threshold
+    lo, hi = threshold, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if cost_at(mid) > goal:
+            lo = mid
+        else:
+            hi = mid
+    return alive_widths(gammas, kinds, hi), hi
+
+
+def flop_weights(structure: Structure, alive: dict[str, int]) -> dict[str, float]:
+    """dF/dA_g: FLOPs of one more alive channel of each group, summed over the conv/linear layers it touches.
+
+    Per layer, C_L = 2 * H_out * W_out * k_h * k_w (times the features per channel of a flattened input); a
+    depthwise conv costs C_L * A. Fixed channels (the image, the classifier's outputs) count at full width.
+    """
+    weights = {g: 0.0 for g in structure.groups}
+    for layer in structure.layers:
+        if layer.op == "batchnorm":
+            continue
+        coeff = 2.0 * layer.out_hw[0] * layer.out_hw[1] * layer.kernel[0] * layer.kernel[1]
+        out = layer.out_group
+        if layer.depthwise:
+            weights[out] += coeff
+            continue
+        a_out = alive[out] if out is not None else layer.out_channels
+        for part, mult in zip(layer.in_parts, layer.in_multiplier):
+            a_in = alive[part] if isinstance(part, str) else part
+            if out is not None:
+                weights[out] += coeff * mult * a_in
+            if isinstance(part, str):
+                weights[part] += coeff * mult * a_out
+    return weights
+
+
+def latency_weights(latency: Callable[[dict[str, int]], float], structure: Structure,
+                    multiple: int = 1) -> WeightFn:
+    """Marginal ms per channel of each group at the alive widths (>= 0; a group never drops below 1 channel)."""
+    def weights(alive: dict[str, int]) -> dict[str, float]:
+        widths = {g: max(1, a) for g, a in alive.items()}
+        return {g: max(0.0, v) for g, v in marginal_costs(latency, structure, widths, multiple).items()}
+
+    return weights
+
+
+def regularizer_value(gammas: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """G = sum_g w_g * sum_j |gamma_gj|: MorphNet's per-layer bilinear sum regrouped by channel group."""
+    return sum(weights[g] * v.sum() for g, v in gammas.items())
+
+
+def resource_weights(ctx: SearchContext, resource: str) -> WeightFn:
+    if resource == "flops":
+        return lambda alive: flop_weights(ctx.structure, alive)
+    if ctx.latency is None:
+        raise ConfigError("--method morphnet-latency: needs --target (its latency table or roofline estimate)")
+    return latency_weights(ctx.latency, ctx.structure, ctx.channel_multiple)
+
+
+def expand(structure: Structure, alive: dict[str, int], gammas: dict[str, torch.Tensor], cost, target: float,
+           tolerance: float, multiple: int = 1) -> tuple[dict[str, list[int]], dict]:
+    """The largest uniform multiplier w with cost(w * alive) <= target (widths rounded, never above the baseline),
+    refined by `fit_to_budget` on gamma ranks when rounding alone cannot land inside the tolerance.
+
+    Returns the highest-|gamma| channels at those widths, and what was done (multiplier, refined or not).
+    """
+    base = {g: max(1, a) for g, a in alive.items()}
+
+    def widths_at(omega: float) -> dict[str, int]:
+        return {g: round_width(omega * base[g], multiple, full) for g, full in structure.groups.items()}
+
+    lo, hi = 0.0, max(full / base[g] for g, full in structure.groups.items())
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if cost(widths_at(mid)) > target:
+            hi = mid
+        else:
+            lo = mid
+    widths = widths_at(lo)
+    info = {"omega": round(lo, 4), "refined": False}
+    if not within(cost(widths), target, tolerance):
+        keep = fit_to_budget(structure, _rank_scores(structure, widths, gammas), cost, target, tolerance, multiple)
+        info["refined"] = True
+        return keep, info
+    return keep_from_scores(structure, widths, gammas), info
+
+
+def _rank_scores(structure: Structure, widths: dict[str, int],
+                 gammas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scores comparable across groups that keep `widths` at one threshold: channels ranked by |gamma|; the kept
+    ones score above 1, the next ones continue the uniform multiplier (fraction of the group's width left)."""
+    scores = {}
+    for g, full in structure.groups.items():
+        order = torch.argsort(gammas[g].detach(), descending=True, stable=True)
+        rank_score = (widths[g] - torch.arange(full, dtype=torch.float)) / full
+        rank_score[:widths[g]] += 1.0
+        s = torch.empty(full)
+        s[order] = rank_score
+        scores[g] = s
+    return scores
+
+
+@torch.no_grad()
+def _apply_masks(model: nn.Module, structure: Structure, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the removed channels in place (what `structure.mask` does to a copy), every step of a shrink."""
+    mods = dict(model.named_modules())
+    for layer in structure.layers:
+        g = layer.out_group
+        if g is None or bool(masks[g].all()):
+            continue
+        m = mods[layer.name]
+        shape = (-1,) + (1,) * (m.weight.dim() - 1)
+        m.weight.mul_(masks[g].view(shape).to(m.weight.dtype))
+        if getattr(m, "bias", None) is not None:
+            m.bias.mul_(masks[g].to(m.bias.dtype))
+
+
+@torch.no_grad()
+def _revive(model: nn.Module, baseline: nn.Module, structure: Structure, channels: dict[str, list[int]]) -> None:
+    """Restore the baseline's weights of channels that were masked and are taken back (zeroed ones never regrow)."""
+    mods, base = dict(model.named_modules()), dict(baseline.named_modules())
+    for layer in structure.layers:
+        idx = channels.get(layer.out_group) if layer.out_group is not None else None
+        if not idx:
+            continue
+        i = torch.tensor(idx, dtype=torch.long)
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(mods[layer.name], attr, None)
+            if t is not None:
+                t[i] = getattr(base[layer.name], attr)[i].to(t.dtype)
+
+
+def schedule_lambda(ctx: SearchContext, g0: float, gammas: dict[str, torch.Tensor], epochs: int) -> float:
+    """lambda at which the penalty alone would zero the median |gamma| of an average-cost channel once
+    1 / LAMBDA_STRENGTH of the shrink's learning-rate sum is spent (a constant push under SGD momentum mu moves a
+    weight by lr / (1 - mu) per step). Equivalently lambda = c / G0, with c set by the schedule."""
+    cfg = replace(ctx.search_config(), epochs=epochs)
+    n = len(ctx.data.train.tensors[1])
+    steps = epochs * max(1, n // min(cfg.batch_size, n))
+    lr_sum = cfg.lr * sum(0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(steps))  # train()'s cosine
+    push = lr_sum / (1 - cfg.momentum) if cfg.optimizer == "sgd" else lr_sum
+    all_g = torch.cat([v.detach() for v in gammas.values()])
+    mean_weight = g0 / float(all_g.sum())
+    return LAMBDA_STRENGTH * statistics.median(all_g.tolist()) / (push * mean_weight)
+
+
+def shrink(model: nn.Module, ctx: SearchContext, weight_fn: WeightFn, masks: dict[str, torch.Tensor], lam: float,
+           *, epochs: int, threshold: float, desc: str = "morphnet shrink", checkpoint=None) -> None:
+    """Train `model` in place on loss + lam * G (alive counts re-measured every step, held constant within it),
+    with the channels outside `masks` held at zero."""
+    structure = ctx.structure
+    cache: dict[tuple, dict[str, float]] = {}
+
+    def regularizer(m: nn.Module) -> torch.Tensor:
+        gammas, kinds = group_gammas(m, structure)
+        alive = alive_widths(gammas, kinds, threshold)
+        key = tuple(alive.values())
+        if key not in cache:
+            cache[key] = weight_fn(alive)
+        return lam * regularizer_value(gammas, cache[key])
+
+    _apply_masks(model, structure, masks)
+    train(model, ctx.data.train, replace(ctx.search_config(), epochs=epochs), regularizer=regularizer,
+          after_step=lambda m: _apply_masks(m, structure, masks), checkpoint=checkpoint, desc=desc)
+
+
+def morphnet_search(ctx: SearchContext, resource: str) -> Proposal:
+    """Shrink/expand `iterations` times; keep the highest-|gamma| channels at the final widths.
+
+    lambda: given (option `lambda`), else `schedule_lambda` for the first shrink; after each shrink a controller
+    multiplies it by (alive cost / goal) clipped to [1/4, 4], goal = `shrink_ratio` x the budget, so the next
+    shrink removes more (or less). Alive counts lag gammas under SGD, so lambda stays fixed within a shrink.
+    """
+    opts = ctx.options
+    iterations = int(opts.get("iterations", 2))
+    threshold = float(opts.get("threshold", 1e-2))
+    shrink_ratio = float(opts.get("shrink_ratio", 0.75))
+    from_scratch = _flag(opts.get("from_scratch", FROM_SCRATCH_DEFAULT))
+    if iterations < 1 or not 0 < threshold < 1 or not 0 < shrink_ratio <= 1:
+        raise ConfigError("--set: morphnet needs iterations >= 1, 0 < threshold < 1, 0 < shrink_ratio <= 1")
+    epochs = max(1, round(ctx.search_epochs / iterations))
+    weight_fn = resource_weights(ctx, resource)
+    structure = ctx.structure
+    goal = shrink_ratio * ctx.target_cost
+    model = copy_baseline(ctx)
+    keep = {g: list(range(full)) for g, full in structure.groups.items()}
+    history: list[dict] = [{"resource": resource if resource == "flops" else "latency (ctx.latency: marginal ms)",
+                            "iterations": iterations, "epochs_per_shrink": epochs, "threshold": threshold,
+                            "shrink_ratio": shrink_ratio, "from_scratch": from_scratch}]
+    lam = float(opts["lambda"]) if "lambda" in opts else None
+    for it in range(iterations):
+        with torch.no_grad():
+            gammas, kinds = group_gammas(model, structure)
+            g0 = float(regularizer_value(gammas, weight_fn(alive_widths(gammas, kinds, threshold))))
+        if g0 <= 0:
+            raise ConfigError(f"--method {'morphnet' if resource == 'flops' else 'morphnet-latency'}: the resource "
+                              "regularizer is 0 (every marginal cost is 0)")
+        rule = "given" if "lambda" in opts else ("schedule" if it == 0 else "controller")
+        if lam is None:
+            lam = schedule_lambda(ctx, g0, gammas, epochs)
+        shrink(model, ctx, weight_fn, channel_masks(structure, keep), lam, epochs=epochs, threshold=threshold,
+               desc=f"morphnet shrink {it + 1}/{iterations}", checkpoint=ctx.state_path(f"morphnet-shrink{it}.pt"))
+        with torch.no_grad():
+            gammas, kinds = group_gammas(model, structure)
+        alive, cut = histogram_alive(gammas, kinds, ctx.cost, goal, threshold)
+        alive_cost = ctx.cost({g: max(1, a) for g, a in alive.items()})
+        fixed_cost = ctx.cost({g: max(1, a) for g, a in alive_widths(gammas, kinds, threshold).items()})
+        new_keep, info = expand(structure, alive, gammas, ctx.cost, ctx.target_cost, ctx.budget.tolerance,
+                                ctx.channel_multiple)
+        revived = {g: sorted(set(new_keep[g]) - set(keep[g])) for g in structure.groups}
+        _revive(model, ctx.baseline, structure, revived)
+        keep = new_keep
+        widths = {g: len(v) for g, v in keep.items()}
+        rec = {"iteration": it, "lambda": lam, "lambda_rule": rule, "lambda_times_G0": lam * g0, "alive_threshold": cut,
+               "alive_cost_at_fixed_threshold": fixed_cost, "alive": alive, "alive_cost": alive_cost, "widths": widths, "cost": ctx.cost(widths),
+               "revived": sum(len(v) for v in revived.values()), **info}
+        ctx.log(f"morphnet {it + 1}/{iterations}: lambda {lam:.3g} ({rule}), alive at |gamma| > {cut:.3g} rel.: cost "
+                f"{alive_cost / ctx.baseline_cost:.3f}x, expand x{info['omega']:.3f} -> "
+                f"{rec['cost'] / ctx.baseline_cost:.3f}x baseline")
+        history.append(rec)
+        if "lambda" not in opts:
+            lam *= min(2.0, max(0.5, fixed_cost / goal))
+        if it + 1 < iterations:
+            _apply_masks(model, structure, channel_masks(structure, keep))
+    return Proposal(keep=keep, source=model, history=history, from_scratch=from_scratch)
+
+
+def _flag(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("1", "0", "true", "false", "yes", "no"):
+        raise ConfigError(f"--set from_scratch={value}: expected true or false")
+    return text in ("1", "true", "yes")
+
+
+@register_method("morphnet")
+def morphnet(ctx: SearchContext) -> Proposal:
+    return morphnet_search(ctx, "flops")
+
+
+@register_method("morphnet-latency")
+def morphnet_latency(ctx: SearchContext) -> Proposal:
+    return morphnet_search(ctx, "latency")

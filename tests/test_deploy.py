@@ -1,0 +1,194 @@
+"""Deploy: ONNX export checked by onnxruntime, TVM builds checked against torch, artifacts, runner, precision."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgecompact.deploy import onnx as eonnx
+from edgecompact.deploy import tvm as etvm
+from edgecompact.deploy.artifact import compile_onnx, export_artifact
+from edgecompact.errors import ConfigError, DeployError
+from edgecompact.models import create_model, list_models, model_defaults
+from edgecompact.run import sha256
+from edgecompact.targets import get_target
+
+torch.set_num_threads(1)
+EM_AARCH64, ET_DYN = 183, 3
+
+
+def _tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+def _tvm_run(ex, x: np.ndarray) -> np.ndarray:
+    import tvm
+    from tvm import relax
+
+    return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def _torch(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+@pytest.fixture(scope="module")
+def host_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("host")
+    export_artifact(_tiny_cnn(), (1, 3, 16, 16), get_target("host"), out, runs=50)
+    return out
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "inception" in n else n
+                                  for n in list_models()])
+def test_onnx_export_matches_torch_on_every_zoo_model(name, tmp_path):
+    model, size = None, 0
+    for size in (min(model_defaults(name).input_size, 64), 75, model_defaults(name).input_size):
+        try:  # the smallest input the family accepts keeps this fast
+            model = create_model(name, input_size=size).eval()
+            break
+        except ConfigError:
+            continue
+    diff = eonnx.export_onnx(model, (1, 3, size, size), tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)
+    want = _torch(model, x)
+    tolerance = 1e-4 * max(1.0, float(np.abs(want).max()))
+    assert np.abs(eonnx.run_onnx(tmp_path / "m.onnx", x) - want).max() <= tolerance
+    assert diff <= tolerance
+    assert eonnx.input_spec(tmp_path / "m.onnx") == ("x", [1, 3, size, size], "float32")
+
+
+def test_tvm_host_build_matches_torch_on_resnet20_and_slimmed_resnet20(tmp_path):
+    from edgecompact.budget import uniform_widths
+    from edgecompact.structure import analyze, keep_from_scores, slim
+
+    base = create_model("resnet20", input_size=16).eval()
+    structure = analyze(base, (3, 16, 16), "resnet20")
+    compact = slim(base, structure, keep_from_scores(structure, uniform_widths(structure, 0.5))).eval()
+    x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    for tag, model in (("base", base), ("slim", compact)):
+        eonnx.export_onnx(model, (1, 3, 16, 16), tmp_path / f"{tag}.onnx")
+        got = _tvm_run(compile_onnx(tmp_path / f"{tag}.onnx", get_target("host")), x)
+        assert np.abs(got - _torch(model, x)).max() <= 1e-4, tag
+
+
+def test_host_target_resolves_native_cpu_and_attaches_host():
+    tgt = etvm.tvm_target(get_target("host"))
+    assert tgt.attrs["mcpu"] != "native"
+    assert tgt.host is not None and str(tgt.host.attrs["mcpu"]) == str(tgt.attrs["mcpu"])
+
+
+def test_manifest_records_checksum_of_the_library_and_the_faster_runtime(host_artifact):
+    manifest = json.loads((host_artifact / "manifest.json").read_text())
+    assert manifest["sha256"] == sha256(host_artifact / manifest["library"])
+    assert manifest["input"] == {"name": "x", "shape": [1, 3, 16, 16], "dtype": "float32"}
+    lat = manifest["latency_ms"]
+    assert manifest["best_runtime"] == min(lat, key=lat.get)
+    assert manifest["tvm_max_abs_diff_vs_ort"] <= 1e-4
+
+
+def _runner(*args: str) -> subprocess.CompletedProcess:
+    code = ("import sys; from edgecompact.run import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'runner imported torch'; sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False,
+                          timeout=120)
+
+
+def test_runner_runs_host_artifact_without_importing_torch(host_artifact, tmp_path):
+    x = np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    proc = _runner(str(host_artifact), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"))
+    assert proc.returncode == 0, proc.stderr
+    want = eonnx.run_onnx(host_artifact / "model.onnx", x)
+    assert np.abs(np.load(tmp_path / "y.npy") - want).max() <= 1e-4
+
+
+def test_runner_refuses_mismatched_input_shape_with_one_line(host_artifact, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
+    proc = _runner(str(host_artifact), "--input", str(tmp_path / "x.npy"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "[1, 3, 16, 16]" in lines[0] and "x.npy" in lines[0]
+
+
+def test_runner_refuses_a_replaced_library(host_artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(host_artifact, art)
+    with open(art / "model.so", "ab") as f:
+        f.write(b"\0")
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 16, 16), np.float32))
+    proc = _runner(str(art), "--input", str(tmp_path / "x.npy"))
+    assert proc.returncode == 2 and "sha256" in proc.stderr
+
+
+def test_corrupt_onnx_file_is_a_deploy_error_naming_the_file(tmp_path):
+    bad = tmp_path / "broken.onnx"
+    eonnx.export_onnx(_tiny_cnn(), (1, 3, 8, 8), bad)
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    with pytest.raises(DeployError, match="broken.onnx"):
+        compile_onnx(bad, get_target("host"))
+
+
+def _elf_header(path) -> tuple[bytes, int, int, int]:
+    head = path.read_bytes()[:20]
+    e_type, e_machine = struct.unpack("<HH", head[16:20])
+    return head[:4], head[4], e_type, e_machine
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="needs gcc-aarch64-linux-gnu")
+@pytest.mark.parametrize("target_name", ["rpi4", "mali-g52"])
+def test_cross_compiled_artifact_is_an_aarch64_shared_object(target_name, tmp_path, capsys):
+    manifest = json.loads(export_artifact(_tiny_cnn(), (1, 3, 16, 16), get_target(target_name), tmp_path).read_text())
+    magic, elf_class, e_type, e_machine = _elf_header(tmp_path / manifest["library"])
+    assert (magic, elf_class, e_type, e_machine) == (b"\x7fELF", 2, ET_DYN, EM_AARCH64)
+    assert "latency_ms" not in manifest and "not run here" in manifest["runs_here"]
+    assert manifest["runs_here"] in capsys.readouterr().out
+    if target_name == "mali-g52":
+        assert manifest["device"] == "opencl" and "opencl" in manifest["runs_here"]
+
+
+def test_int8_and_fp16_accuracy_stay_near_fp32(trained_resnet20, digits16, tmp_path):
+    xs, ys = digits16.test.tensors if digits16.test is not None else digits16.val.tensors
+    eval_data = (xs[:200].numpy(), ys[:200].numpy())
+    calib = digits16.train.tensors[0][:64].numpy()
+    shape = (1, *xs.shape[1:])
+    for precision in ("int8", "fp16"):
+        m = json.loads(export_artifact(copy.deepcopy(trained_resnet20), shape, get_target("host"), tmp_path / precision,
+                                       precision=precision, calib=calib, eval_data=eval_data, runs=50).read_text())
+        acc = m["accuracy_top1"]
+        assert acc["fp32-ort"] > 50, acc  # the fixture model is trained
+        assert acc[f"{precision}-ort"] >= acc["fp32-ort"] - 3.0, acc
+        assert acc[f"{precision}-tvm"] >= acc["fp32-ort"] - 3.0, acc
+
+
+def test_int8_without_calibration_data_is_refused(tmp_path):
+    with pytest.raises(DeployError, match="calibration"):
+        export_artifact(_tiny_cnn(), (1, 3, 8, 8), get_target("host"), tmp_path, precision="int8")
+
+
+@pytest.mark.slow
+def test_tuning_speeds_up_and_reuses_records_for_shared_shapes(tmp_path):
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = _tiny_cnn()
+    eonnx.export_onnx(model, (1, 3, 16, 16), tmp_path / "m.onnx")
+    mod = from_onnx(eonnx.load_onnx(tmp_path / "m.onnx"), shape_dict={"x": [1, 3, 16, 16]})
+    first = etvm.tune(mod, get_target("host"), 4, tmp_path / "db")
+    assert first["tuned_tasks"] == first["tasks"] > 0 and first["trials"] > 0
+    again = etvm.tune(mod, get_target("host"), 4, tmp_path / "db")
+    assert again["tuned_tasks"] == 0 and again["reused_tasks"] == first["tasks"]
+    ex = etvm.compile_relax(mod, get_target("host"), db_dir=tmp_path / "db")
+    x = np.random.default_rng(4).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    assert np.abs(_tvm_run(ex, x) - _torch(model, x)).max() <= 1e-4

@@ -1,0 +1,216 @@
+"""Profiling: layer modules compute the layer, tables fill and resume (even after SIGKILL), RPC on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from edgecompact import rpc as ec_rpc
+from edgecompact.cost.latency import LatencyTable, LayerKey
+from edgecompact.errors import ConfigError
+from edgecompact.profiling import layer_module, profile
+from edgecompact.structure import Layer, Structure
+from edgecompact.targets import get_target
+
+HOST = get_target("host")
+CONV = LayerKey.parse("conv2d k3x3 s1x1 dense 8x8->8x8 fp32")
+
+
+def _tiny() -> Structure:
+    """One 3x3 conv on 8x8 maps whose width (a group of 8 channels) is searched."""
+    layer = Layer("conv", "conv2d", (3, 3), (1, 1), False, 1, False, (8, 8), (8, 8), ["g"], "g", 8)
+    return Structure("tiny", (8, 8, 8), {"g": 8}, [layer])
+
+
+def _grid(c_in: list[int], c_out: list[int]) -> dict:
+    return {CONV: (c_in, c_out)}
+
+
+@pytest.mark.parametrize(("key", "c_in", "c_out"), [
+    ("conv2d k3x3 s1x1 dense 8x8->8x8 fp32", 3, 5),
+    ("conv2d k3x3 s2x2 dense 9x9->5x5 fp32", 4, 6),
+    ("conv2d k1x1 s2x2 dense 8x8->4x4 fp32", 4, 6),
+    ("conv2d k3x3 s2x2 dw 8x8->4x4 fp32", 6, 6),
+    ("linear fp32", 7, 3),
+])
+def test_layer_module_computes_the_layer_as_torch_does(key, c_in, c_out):
+    import tvm
+    from tvm import relax
+
+    from edgecompact.deploy.tvm import compile_relax
+
+    key = LayerKey.parse(key)
+    mod, args = layer_module(key, c_in, c_out)
+    vm = relax.VirtualMachine(compile_relax(mod, HOST), tvm.cpu())
+    got = vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+    x, w, b = (torch.from_numpy(a) for a in args)
+    if key.op == "linear":
+        want = torch.nn.functional.linear(x, w, b)
+    else:
+        pad = key.kernel[0] // 2
+        want = torch.relu(torch.nn.functional.conv2d(x, w, b, stride=key.stride, padding=pad,
+                                                     groups=c_out if key.depthwise else 1))
+    assert got.shape == tuple(want.shape) and tuple(want.shape[2:]) == (key.out_hw if key.op != "linear" else ())
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_profile_fills_the_grid_and_a_rerun_measures_nothing(tmp_path):
+    out = tmp_path / "t.json"
+    seen = []
+    profile(_tiny(), HOST, out, grid=_grid([2, 8], [2, 8]), progress=False,
+            on_measure=lambda *a: seen.append(a[:3]))
+    assert sorted((c, o) for _, c, o in seen) == [(2, 2), (2, 8), (8, 2), (8, 8)]
+    loaded = LatencyTable.load(out, HOST)
+    assert loaded.provenance["source"] == "measured" and loaded.provenance["tune_trials"] == 0
+    assert loaded.provenance["tuned"] is False and loaded.provenance["tvm_version"]
+    ms = loaded.entries[CONV].ms
+    assert all(v > 0 for row in ms for v in row)
+    assert ms[1][1] > ms[0][0]  # 16x the MACs cannot be faster
+    assert loaded.predict(_tiny(), {"g": 8}) == pytest.approx(ms[1][1])
+    again = []
+    profile(_tiny(), HOST, out, grid=_grid([2, 8], [2, 8]), progress=False, on_measure=lambda *a: again.append(a))
+    assert again == []
+    profile(_tiny(), HOST, out, grid=_grid([2, 4, 8], [2, 8]), progress=False,
+            on_measure=lambda *a: again.append(a[1:3]))  # a wider grid measures only the new points
+    assert sorted(again) == [(4, 2), (4, 8)]
+    assert LatencyTable.load(out).entries[CONV].ms[0] == ms[0]
+
+
+def test_profile_refuses_bad_setups(tmp_path):
+    out = tmp_path / "t.json"
+    with pytest.raises(ConfigError, match="does not run on this machine; profile it with --rpc"):
+        profile(_tiny(), get_target("rpi4"), out, progress=False)
+    profile(_tiny(), HOST, out, grid=_grid([8], [8]), progress=False)
+    with pytest.raises(ConfigError, match="measured with tune_trials=0, not 4"):
+        profile(_tiny(), HOST, out, grid=_grid([8], [8]), tune_trials=4, progress=False)
+    data = json.loads(out.read_text())
+    data["provenance"]["target"] = "rpi4"
+    out.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="table is for target 'rpi4', not 'host'"):
+        profile(_tiny(), HOST, out, progress=False)
+
+
+CHILD = """
+import sys
+from pathlib import Path
+from edgecompact.cost.latency import LayerKey
+from edgecompact.profiling import profile
+from edgecompact.structure import Layer, Structure
+from edgecompact.targets import get_target
+layer = Layer("conv", "conv2d", (3, 3), (1, 1), False, 1, False, (8, 8), (8, 8), ["g"], "g", 8)
+STRUCTURE = Structure("tiny", (8, 8, 8), {"g": 8}, [layer])
+out, log = Path(sys.argv[1]), Path(sys.argv[2])
+def logged(key, c_in, c_out, ms):
+    with log.open("a") as f:
+        f.write(f"{c_in} {c_out}\\n")
+key = LayerKey.parse("conv2d k3x3 s1x1 dense 8x8->8x8 fp32")
+profile(STRUCTURE, get_target("host"), out, grid={key: ([2, 4, 6, 8], [2, 4, 6, 8])}, progress=False,
+        on_measure=logged)
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_repeats_and_loses_no_measurement(tmp_path):
+    out, log = tmp_path / "t.json", tmp_path / "log.txt"
+    env = {**os.environ, "TVM_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(out), str(log)], env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(timeout=30) == -signal.SIGKILL, "the child finished before it could be killed"
+    before = LatencyTable.load(out, HOST).entries[CONV]
+    recorded = {(ci, co) for i, j, ci, co in before.points() if before.ms[i][j] is not None}
+    logged = {tuple(int(v) for v in line.split()) for line in log.read_text().splitlines()}
+    assert logged <= recorded and len(recorded) < 16  # every reported point is on disk; the run was cut short
+    again: list[tuple[int, int]] = []
+    table = profile(_tiny(), HOST, out, grid=_grid([2, 4, 6, 8], [2, 4, 6, 8]), progress=False,
+                    on_measure=lambda k, ci, co, ms: again.append((ci, co)))
+    assert len(again) == len(set(again)) == 16 - len(recorded)  # exactly the missing points, once each
+    assert not set(again) & recorded  # nothing recorded before the kill is measured again
+    entry = table.entries[CONV]
+    assert all(v is not None for row in entry.ms for v in row)
+    assert all(entry.ms[i][j] == before.ms[i][j] for i, j, ci, co in entry.points() if (ci, co) in recorded)
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    t = ec_rpc.start_tracker(port=19190, port_end=19390)
+    yield ("127.0.0.1", t.port)
+    t.terminate()
+
+
+def _wait_servers(tracker, key, n, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while ec_rpc.servers_under_key(tracker, key) < n:
+        assert time.monotonic() < deadline, f"{n} servers never registered under {key}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_profile_over_loopback_rpc_matches_the_grid(tracker, tmp_path):
+    server = ec_rpc.start_server(tracker, "ec-test", port=19400, port_end=19600)
+    try:
+        _wait_servers(tracker, "ec-test", 1)
+        out = tmp_path / "rpc.json"
+        table = profile(_tiny(), HOST, out, grid=_grid([8], [2, 8]), rpc=(*tracker, "ec-test"), progress=False)
+    finally:
+        server.terminate()
+    entry = table.entries[CONV]
+    assert all(v is not None and v > 0 for v in entry.ms[0])
+    assert "over RPC (key 'ec-test')" in LatencyTable.load(out).provenance["runtime"]
+
+
+@pytest.mark.slow
+def test_rpc_jobs_survive_a_killed_server(tracker, tmp_path):
+    servers = [ec_rpc.start_server(tracker, "ec-kill", port=19600, port_end=19800) for _ in range(2)]
+    try:
+        _wait_servers(tracker, "ec-kill", 2)
+        done = []
+
+        def kill_first(*args):
+            done.append(args)
+            if len(done) == 1:
+                servers[0].terminate()
+
+        table = profile(_tiny(), HOST, tmp_path / "t.json", grid=_grid([2, 4, 8], [2, 8]),
+                        rpc=(*tracker, "ec-kill"), progress=False, on_measure=kill_first)
+    finally:
+        for s in servers:
+            s.terminate()
+    assert len(done) == 6
+    assert all(v is not None for row in table.entries[CONV].ms for v in row)
+
+
+def test_unreachable_tracker_and_unknown_key_fail_fast_in_one_line(tracker, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"cannot reach the RPC tracker at 127\.0\.0\.1:{port}"):
+        profile(_tiny(), HOST, tmp_path / "a.json", grid=_grid([8], [8]), rpc=("127.0.0.1", port, "k"),
+                progress=False)
+    with pytest.raises(ConfigError, match="no RPC server is registered under key 'nobody'"):
+        profile(_tiny(), HOST, tmp_path / "b.json", grid=_grid([8], [8]), rpc=(*tracker, "nobody"), progress=False)
+    assert time.monotonic() - start < 15
+    with pytest.raises(ConfigError, match="--rpc: expected HOST:PORT, got 'localhost'"):
+        ec_rpc.parse_address("localhost")
+    assert ec_rpc.parse_address("10.0.0.2:9190") == ("10.0.0.2", 9190)
+
+
+def test_layer_key_text_round_trips():
+    layer = Layer("x", "conv2d", (5, 3), (2, 1), True, 4, False, (9, 7), (5, 7), ["g"], "g", 4)
+    key = LayerKey.of(layer, "fp16")
+    assert str(key) == "conv2d k5x3 s2x1 dw 9x7->5x7 fp16" and LayerKey.parse(str(key)) == key

@@ -1,0 +1,106 @@
+"""Deploy benchmark: a zoo baseline vs its uniformly thinned compact (1/3 FLOPs) on the host.
+
+Exports both (ONNX verified against torch, MetaSchedule-tuned TVM build), then times torch eager, onnxruntime
+and TVM in this one process (batch 1, median of >= 50 runs, explicit thread counts). Writes
+benchmarks/deploy.json and benchmarks/deploy.md (format: ../shared/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import onnxruntime
+import torch
+import tvm
+
+from edgecompact import __version__
+from edgecompact.budget import fit_uniform
+from edgecompact.cost.flops import arch_flops, module_flops, module_params
+from edgecompact.deploy.artifact import export_artifact
+from edgecompact.deploy.bench import bench_artifacts
+from edgecompact.models import create_model
+from edgecompact.structure import analyze, keep_from_scores, slim
+from edgecompact.targets import get_target
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet32")
+    ap.add_argument("--input-size", type=int, default=32)
+    ap.add_argument("--ratio", type=float, default=1 / 3, help="compact FLOPs / baseline FLOPs")
+    ap.add_argument("--tune-trials", type=int, default=16, help="MetaSchedule trials per conv/matmul task")
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=Path("runs/bench_deploy"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/deploy.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    shape = (3, args.input_size, args.input_size)
+    baseline = create_model(args.model, input_size=args.input_size).eval()
+    structure = analyze(baseline, shape, args.model)
+    base_flops = module_flops(baseline, shape)
+    widths = fit_uniform(structure, lambda w: arch_flops(structure, w), args.ratio * base_flops, 0.02)
+    compact = slim(baseline, structure, keep_from_scores(structure, widths)).eval()
+    target = get_target("host")
+    db = args.work / "tuning-db"
+
+    records, models = [], {}
+    for name, model in (("baseline", baseline), ("uniform", compact)):
+        t0 = time.perf_counter()
+        manifest_path = export_artifact(model, (1, *shape), target, args.work / name, tune_trials=args.tune_trials,
+                                        db_dir=db, threads=args.threads, runs=args.runs, overwrite=True)
+        manifest = json.loads(manifest_path.read_text())
+        models[str(manifest_path.parent)] = model
+        records.append({"name": name, "model": args.model, "mflops": round(module_flops(model, shape) / 1e6, 2),
+                        "params": module_params(model), "tuning": manifest["tuning"],
+                        "export_s": round(time.perf_counter() - t0, 1), "artifact": str(manifest_path.parent)})
+    bench = bench_artifacts([Path(r["artifact"]) for r in records], runs=args.runs, threads=args.threads,
+                            models=models)
+    for rec, b in zip(records, bench["results"], strict=True):
+        rec["latency_ms"] = b["latency_ms"]
+    base, comp = records
+    flop_ratio = base["mflops"] / comp["mflops"]
+    summary = {"name": "summary", "flop_ratio": round(flop_ratio, 3)}
+    for key in base["latency_ms"]:
+        summary[f"speedup_{key}"] = round(base["latency_ms"][key] / comp["latency_ms"][key], 3)
+    records.append(summary)
+
+    out = {
+        "benchmark": "deploy",
+        "command": "python " + " ".join(sys.argv),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {tvm.target.codegen.llvm_get_system_cpu()}"
+                   f", {torch.get_num_threads()} torch thread(s), shared with other jobs",
+        "date": datetime.date.today().isoformat(),
+        "versions": {"edgecompact": __version__, "torch": torch.__version__, "tvm": tvm.__version__,
+                     "onnxruntime": onnxruntime.__version__},
+        "protocol": f"{args.model} baseline vs uniform compact at {args.ratio:.3f} FLOPs, batch 1, "
+                    f"{args.threads} thread(s) for torch/ORT/TVM, median of {args.runs} runs after warm-up, "
+                    f"same process; TVM MetaSchedule {args.tune_trials} trials per conv/matmul task",
+        "results": records,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    keys = list(base["latency_ms"])
+    lines = [f"# deploy benchmark\n\n{out['protocol']}. Machine: {out['machine']}.\n",
+             "| name | MFLOPs | params | " + " | ".join(f"{k} (ms)" for k in keys) + " | tuning (s) |",
+             "|---|---|---|" + "---|" * len(keys) + "---|"]
+    for r in (base, comp):
+        tuning_s = r["tuning"].get("summary", {}).get("tuning_s", "")
+        lines.append(f"| {r['name']} | {r['mflops']} | {r['params']} | "
+                     + " | ".join(f"{r['latency_ms'][k]:.3f}" for k in keys) + f" | {tuning_s} |")
+    lines.append(f"\nFLOP ratio {summary['flop_ratio']}; measured speedups: "
+                 + ", ".join(f"{k} {summary['speedup_' + k]}" for k in keys) + ".\n")
+    args.out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
