@@ -114,6 +114,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                       epochs=args.epochs, finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       channel_multiple=args.channel_multiple, precision=args.precision, profile=args.profile,
+                      tune_trials=args.tune_trials,
                       options=_parse_options(args.set))
     name = args.model.split(":")[-1].replace("/", "_")
     out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{args.method}-{name}")
@@ -134,6 +135,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     pngs = plot(records, out)
     print(markdown_table(doc))
     print("written: " + ", ".join(str(p) for p in [out / "report.json", out / "report.md", *pngs]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgecompact.demo import run_demo
+
+    report = run_demo(Path(args.out), methods=args.methods, deploy=not args.no_deploy,
+                      tune_trials=args.tune_trials, log=_log)
+    print(report.read_text())
+    print(f"report: {report} (plots beside it)")
     return 0
 
 
@@ -191,8 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     p.add_argument("--out", default=None, help="run directory (default runs/<time>-<method>-<model>)")
     p.add_argument("--force", action="store_true", help="overwrite a run directory holding a different run")
+    p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per task for the deployed "
+                   "models (0: untuned TVM)")
     p.add_argument("--no-deploy", action="store_true")
     p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("demo", help="the whole pipeline on digits: every method at 1/3 FLOPs, deployed, reported")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per task (0: untuned TVM)")
+    p.add_argument("--no-deploy", action="store_true")
+    p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("report", help="paper-style table and plots from run directories")
     p.add_argument("runs", nargs="+")

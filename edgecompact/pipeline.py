@@ -113,6 +113,7 @@ class SearchSpec:
     channel_multiple: int | None = None  # None: the target's
     precision: str | None = None  # None: the target's
     profile: str | None = None
+    tune_trials: int = 0  # MetaSchedule trials per task when compiling the deployed models (0: untuned TVM)
     options: dict = field(default_factory=dict)
 
 
@@ -165,7 +166,8 @@ def train_baseline(model: nn.Module, data: DataSplits, cfg: TrainConfig, run_dir
     return evaluate(model, data.test if data.test is not None else data.val)
 
 
-def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: bool = True, log=print) -> dict:
+def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: bool = True,
+               baseline_artifact: Path | None = None, log=print) -> dict:
     """`edgecompact search`: baseline -> method -> compact model, arch.json, report.json/md (and deploy)."""
     from edgecompact.data import load_dataset
     from edgecompact.methods.base import get_method, run_method
@@ -216,7 +218,9 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     if deploy:
         from edgecompact.deploy_stage import deploy_run
 
-        deploy_run(run_dir, records, target, log=log)
+        compact = load_compact(run_dir)[0]
+        deploy_run(run_dir, records, model, compact, data, target, precision=precision,
+                   tune_trials=spec.tune_trials, baseline_dir=baseline_artifact, log=log)
     report = write_report(run_dir, records, command=" ".join(sys.argv), protocol=_protocol(spec))
     return report
 

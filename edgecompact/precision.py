@@ -5,7 +5,8 @@ QuantFormat.QDQ, per_channel=True, weights QInt8, activations QUInt8, MinMax cal
 per-output-channel symmetric int8 weights (scale = max|w| / 127), and one asymmetric uint8 scale and zero point per
 activation tensor of the exported graph, from the min/max seen on calibration inputs by the float model. The graph
 ORT quantizes has BatchNorm folded into the conv and a ReLU/Clip merged into the tensor it follows, so those
-tensors are not quantized separately here either. Bias stays float (ORT's int32 bias is exact to ~1e-7).
+tensors are not quantized separately here either. The (folded) bias is rounded to int32 with scale
+input_scale x weight_scale, as ORT does: small, but a visible share of an activation step.
 This module only evaluates; it never changes the model it is given, and it does not export anything.
 """
 
@@ -27,11 +28,9 @@ _RELU_FUNCTIONS = (F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp)
 _RELU_METHODS = ("relu", "relu_", "clamp", "clamp_")
 
 
-def calibration_inputs(dataset: TensorDataset, count: int = 256, seed: int = 0) -> torch.Tensor:
-    """`count` inputs drawn at random (fixed by `seed`) from `dataset`: the data int8 ranges are calibrated on."""
-    x = dataset.tensors[0]
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:count]
-    return x[idx.sort().values]
+def calibration_inputs(dataset: TensorDataset, count: int = 256) -> torch.Tensor:
+    """The inputs int8 ranges are calibrated on: the first `count` of `dataset`, as the deploy stage takes them."""
+    return dataset.tensors[0][:count]
 
 
 def evaluate_at_precision(model: nn.Module, dataset: TensorDataset, precision: str,
@@ -40,15 +39,31 @@ def evaluate_at_precision(model: nn.Module, dataset: TensorDataset, precision: s
 
     `calib` (inputs, N x C x H x W) is required for int8: the activation ranges come from it.
     """
+    return evaluate(at_precision(model, precision, calib), dataset)
+
+
+def at_precision(model: nn.Module, precision: str, calib: torch.Tensor | None = None) -> nn.Module:
+    """A copy of `model` (eval mode) that computes at `precision`, taking and returning float32."""
     if precision == "fp32":
-        return evaluate(model, dataset)
+        return copy.deepcopy(model).eval()
     if precision == "fp16":
-        return evaluate(copy.deepcopy(model).half(), dataset, transform=lambda x: x.half())
+        return Half(copy.deepcopy(model).eval().half())
     if precision == "int8":
         if calib is None:
             raise ValueError("int8 evaluation needs calibration inputs")
-        return evaluate(quantize_int8(model, calib), dataset)
+        return quantize_int8(model, calib)
     raise ConfigError(f"--precision: unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
+
+
+class Half(nn.Module):
+    """Runs a half-precision model on float32 inputs: weights and every activation are fp16."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.half()).float()
 
 
 def quantize_int8(model: nn.Module, calib: torch.Tensor, batch_size: int = 256) -> fx.GraphModule:
@@ -74,9 +89,33 @@ def quantize_int8(model: nn.Module, calib: torch.Tensor, batch_size: int = 256) 
         for m in gm.modules():
             if isinstance(m, ActivationQuant):
                 m.freeze()
-            elif isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.copy_(fake_quant_weight(m.weight))
+        modules = dict(gm.named_modules())
+        for node in gm.graph.nodes:
+            if _is_module(node, modules, (nn.Conv2d, nn.Linear)):
+                _quantize_layer(node, modules)
     return gm
+
+
+def _quantize_layer(node: fx.Node, modules: dict[str, nn.Module]) -> None:
+    """Fake-quantize a conv/linear's weight per channel and its bias (folded with a following BN) to int32."""
+    layer = modules[str(node.target)]
+    users = list(node.users)
+    bn = modules[str(users[0].target)] if len(users) == 1 and _is_module(users[0], modules, nn.BatchNorm2d) else None
+    w = layer.weight.detach().double()
+    bias = torch.zeros(w.shape[0], dtype=torch.float64) if layer.bias is None else layer.bias.detach().double()
+    if bn is not None:  # the export folds BN: w' = k w, b' = k (b - mean) + beta
+        k = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        w = w * k.view(-1, *([1] * (w.dim() - 1)))
+        bias = k * (bias - bn.running_mean.double()) + bn.bias.detach().double()
+    source = node.args[0]
+    quant = modules.get(str(source.target)) if isinstance(source, fx.Node) and source.op == "call_module" else None
+    if isinstance(quant, ActivationQuant) and quant.scale is not None and (bn is not None or layer.bias is not None):
+        w_scale = _weight_scale(w.float()).double()
+        b_scale = torch.tensor(quant.scale, dtype=torch.float64) * w_scale
+        shift = torch.round(bias / b_scale) * b_scale - bias  # int32 rounding error of the folded bias
+        target = bn.bias if bn is not None else layer.bias
+        target.add_(shift.to(target.dtype))
+    layer.weight.copy_(fake_quant_weight(layer.weight))
 
 
 def _quantized_output(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -141,10 +180,14 @@ def uint8_scale_zero_point(lo: float, hi: float) -> tuple[float, int]:
     return float(torch.tensor(scale, dtype=torch.float32)), zero_point
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 in [-127, 127], scale = max|w| / 127 (zero channels stay zero)."""
+def _weight_scale(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric int8 scale, max|w| / 127 (1 for an all-zero channel, as ORT)."""
     absmax = w.detach().abs().reshape(w.shape[0], -1).amax(1).double()
     scale = (2 * absmax / 254).float()
-    scale = torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
-    scale = scale.view(-1, *([1] * (w.dim() - 1)))
+    return torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
+
+
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric int8 in [-127, 127]; the scale commutes with BN folding's per-channel factor."""
+    scale = _weight_scale(w).view(-1, *([1] * (w.dim() - 1)))
     return torch.clamp(torch.round(w / scale), -127, 127) * scale

@@ -35,8 +35,8 @@ from edgecompact.targets import Target
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 REPEAT = 5  # timed repeats per grid point; the table keeps their median
 MIN_REPEAT_MS = 20.0  # each repeat averages enough runs to last about this long
-# Untuned (TVM's default CPU pipeline: naive conv loops). Tuning is per grid point (~150 s for 16 trials of one
-# layer here), so a tuned ResNet-32 table (185 points) would take about 8 hours on 2 cores.
+# Untuned (TVM's default CPU pipeline: naive conv loops). Tuning is per grid point (~150 s for 16 trials
+# of one layer here), so a tuned ResNet-32 table (185 points) would take about 8 hours on 2 cores.
 DEFAULT_TUNE_TRIALS = 0
 RPC_TIMEOUT_S = 60.0  # longest wait for a free server before a job is given up
 RPC_TRIES = 3  # attempts per grid point when servers die under it
@@ -66,8 +66,9 @@ def layer_module(key: LayerKey, c_in: int, c_out: int) -> tuple[tvm.IRModule, li
             if key.op == "linear":
                 y = bb.emit(relax.op.add(relax.op.matmul(x, relax.op.permute_dims(w)), b))
             else:
-                conv = relax.op.nn.conv2d(x, w, strides=key.stride, padding=_padding(key),
-                                          groups=c_out if key.depthwise else 1)
+                conv = relax.op.nn.conv2d(
+                    x, w, strides=key.stride, padding=_padding(key), groups=c_out if key.depthwise else 1
+                )
                 y = bb.emit(relax.op.nn.relu(relax.op.add(conv, relax.op.reshape(b, (1, c_out, 1, 1)))))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
@@ -91,7 +92,9 @@ def _timed_ms(runtime_module: Any, args: list[np.ndarray], device: Any = None) -
     """Median ms over REPEAT repeats, each long enough (MIN_REPEAT_MS) to dwarf timer overhead."""
     first = time_executable(runtime_module, args, number=1, repeat=1, device=device)[0]
     number = max(1, min(1000, math.ceil(MIN_REPEAT_MS / max(first, 1e-3))))
-    return statistics.median(time_executable(runtime_module, args, number=number, repeat=REPEAT, device=device))
+    return statistics.median(
+        time_executable(runtime_module, args, number=number, repeat=REPEAT, device=device)
+    )
 
 
 def _merge(table: LatencyTable, grid: Grid) -> None:
@@ -110,10 +113,18 @@ def _merge(table: LatencyTable, grid: Grid) -> None:
         table.entries[key] = new
 
 
-def profile(structure: Structure, target: Target, out_path: Path, *, grid: Grid | None = None,
-            rpc: tuple[str, int, str] | None = None, tune_trials: int = DEFAULT_TUNE_TRIALS,
-            db_dir: Path | None = None, on_measure: OnMeasure | None = None,
-            progress: bool = True) -> LatencyTable:
+def profile(
+    structure: Structure,
+    target: Target,
+    out_path: Path,
+    *,
+    grid: Grid | None = None,
+    rpc: tuple[str, int, str] | None = None,
+    tune_trials: int = DEFAULT_TUNE_TRIALS,
+    db_dir: Path | None = None,
+    on_measure: OnMeasure | None = None,
+    progress: bool = True,
+) -> LatencyTable:
     """Measure every layer kind of `structure`'s search space on `target` into the table at `out_path`.
 
     grid: {LayerKey: (c_in axis, c_out axis)}, default `layer_grid(structure, ...)` (each group from 1/8 to
@@ -123,31 +134,58 @@ def profile(structure: Structure, target: Target, out_path: Path, *, grid: Grid 
     """
     out_path = Path(out_path)
     if rpc is None and not target.runnable_here:
-        raise ConfigError(f"target '{target.name}' does not run on this machine; profile it with --rpc HOST:PORT")
+        raise ConfigError(
+            f"target '{target.name}' does not run on this machine; profile it with --rpc HOST:PORT"
+        )
     if tune_trials < 0:
         raise ConfigError(f"--tune-trials must be >= 0, got {tune_trials}")
     if out_path.exists():
         table = LatencyTable.load(out_path, target)
         if table.is_estimate:
-            raise ConfigError(f"{out_path}: holds a roofline estimate, not measurements; choose another --out")
+            raise ConfigError(
+                f"{out_path}: holds a roofline estimate, not measurements; choose another --out"
+            )
         if table.provenance.get("tune_trials") != tune_trials:
-            raise ConfigError(f"{out_path}: measured with tune_trials={table.provenance.get('tune_trials')}, "
-                              f"not {tune_trials}; use the same setting or another --out")
+            raise ConfigError(
+                f"{out_path}: measured with tune_trials={table.provenance.get('tune_trials')}, "
+                f"not {tune_trials}; use the same setting or another --out"
+            )
     else:
-        where = f"over RPC (key '{rpc[2]}')" if rpc else f"local ({platform.processor() or platform.machine()})"
+        where = (
+            f"over RPC (key '{rpc[2]}')" if rpc else f"local ({platform.processor() or platform.machine()})"
+        )
         table = LatencyTable.new(
-            target, "measured", space=structure.model_name, tvm_version=tvm.__version__,
-            tvm_target=str(tvm_target(target)), tuned=tune_trials > 0, tune_trials=tune_trials, runtime=f"TVM Relax VM, {where}",
+            target,
+            "measured",
+            space=structure.model_name,
+            tvm_version=tvm.__version__,
+            tvm_target=str(tvm_target(target)),
+            tuned=tune_trials > 0,
+            tune_trials=tune_trials,
+            runtime=f"TVM Relax VM, {where}",
             threads=os.environ.get("TVM_NUM_THREADS", "TVM default (all cores)"),
-            layer="conv2d + bias + ReLU (fused) | matmul + bias", statistic=f"median of {REPEAT} repeats of "
-            f">= {MIN_REPEAT_MS:g} ms", date=datetime.date.today().isoformat())
-    _merge(table, grid if grid is not None else layer_grid(structure, target.precision, target.channel_multiple))
-    todo = [(key, i, j, ci, co) for key, e in table.entries.items() for i, j, ci, co in e.points()
-            if e.ms[i][j] is None]
+            layer="conv2d + bias + ReLU (fused) | matmul + bias",
+            statistic=f"median of {REPEAT} repeats of >= {MIN_REPEAT_MS:g} ms",
+            date=datetime.date.today().isoformat(),
+        )
+    _merge(
+        table, grid if grid is not None else layer_grid(structure, target.precision, target.channel_multiple)
+    )
+    todo = [
+        (key, i, j, ci, co)
+        for key, e in table.entries.items()
+        for i, j, ci, co in e.points()
+        if e.ms[i][j] is None
+    ]
     total = sum(len(e.points()) for e in table.entries.values())
     table.save(out_path)
-    bar = tqdm(total=total, initial=total - len(todo), desc=f"profile {target.name}", unit="layer",
-               disable=not progress)
+    bar = tqdm(
+        total=total,
+        initial=total - len(todo),
+        desc=f"profile {target.name}",
+        unit="layer",
+        disable=not progress,
+    )
 
     def record(job: tuple[LayerKey, int, int, int, int], ms: float) -> None:
         key, i, j, ci, co = job
@@ -162,7 +200,9 @@ def profile(structure: Structure, target: Target, out_path: Path, *, grid: Grid 
         if rpc is None:
             for job in todo:
                 mod, args = layer_module(job[0], job[3], job[4])
-                record(job, _timed_ms(compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir), args))
+                record(
+                    job, _timed_ms(compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir), args)
+                )
         elif todo:
             _profile_rpc(todo, target, rpc, tune_trials, db_dir, record)
     finally:
@@ -170,8 +210,14 @@ def profile(structure: Structure, target: Target, out_path: Path, *, grid: Grid 
     return table
 
 
-def _profile_rpc(todo: list[tuple], target: Target, rpc: tuple[str, int, str], tune_trials: int,
-                 db_dir: Path | None, record: Callable[[tuple, float], None]) -> None:
+def _profile_rpc(
+    todo: list[tuple],
+    target: Target,
+    rpc: tuple[str, int, str],
+    tune_trials: int,
+    db_dir: Path | None,
+    record: Callable[[tuple, float], None],
+) -> None:
     """Spread jobs over every server under the key: one thread per server, one session per job (so a dead
     server only costs a retry), compiles serialized here, results recorded by the calling thread."""
     host, port, key = rpc
@@ -209,8 +255,15 @@ def _profile_rpc(todo: list[tuple], target: Target, rpc: tuple[str, int, str], t
                     return
                 except Exception as e:  # noqa: BLE001 -- the server died or dropped the session: retry elsewhere
                     if tries + 1 >= RPC_TRIES:
-                        results.put((job, DeployError(f"RPC: layer {job[0]} ({job[3]}, {job[4]}) failed "
-                                                      f"{RPC_TRIES} times; last: {type(e).__name__}: {e}")))
+                        results.put(
+                            (
+                                job,
+                                DeployError(
+                                    f"RPC: layer {job[0]} ({job[3]}, {job[4]}) failed "
+                                    f"{RPC_TRIES} times; last: {type(e).__name__}: {e}"
+                                ),
+                            )
+                        )
                         return
                     jobs.put((job, tries + 1))
                     continue
@@ -229,7 +282,9 @@ def _profile_rpc(todo: list[tuple], target: Target, rpc: tuple[str, int, str], t
         stop.set()
 
 
-def _timed_remote(tracker: tuple[str, int], key: str, lib: Path, args: list[np.ndarray], device_type: int) -> float:
+def _timed_remote(
+    tracker: tuple[str, int], key: str, lib: Path, args: list[np.ndarray], device_type: int
+) -> float:
     """Upload `lib` to a free server under `key` and time it there. Every remote handle is local to this call,
     so the session ends (and the server returns to the tracker) when it returns."""
     session = ec_rpc.request_session(tracker, key, RPC_TIMEOUT_S)

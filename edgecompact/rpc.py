@@ -1,4 +1,5 @@
-"""TVM RPC plumbing for profiling: start a tracker and servers (loopback by default), reach them with bounded waits.
+"""TVM RPC plumbing for profiling: start a tracker and servers (loopback by default), reach them with bounded
+waits.
 
 A TVM RPC server has no authentication and runs whatever it is sent: everything here binds 127.0.0.1 unless
 the caller passes another host on purpose. Nothing here compiles or measures (edgecompact.profiling does).
@@ -29,18 +30,19 @@ def parse_address(text: str, argument: str = "--rpc") -> tuple[str, int]:
 
 
 def start_tracker(host: str = LOOPBACK, port: int = 9190, port_end: int = 9290) -> Tracker:
-    """A TVM RPC tracker in a child process, on the first free port in [port, port_end). `.port` tells which."""
+    """A TVM RPC tracker in a child process, on the first free port in [port, port_end) (`.port`)."""
     return Tracker(host=host, port=port, port_end=port_end, silent=True)
 
 
-def start_server(tracker: tuple[str, int], key: str, host: str = LOOPBACK, port: int = 9090,
-                 port_end: int = 9190) -> rpc.Server:
+def start_server(
+    tracker: tuple[str, int], key: str, host: str = LOOPBACK, port: int = 9090, port_end: int = 9190
+) -> rpc.Server:
     """A TVM RPC server in a child process, registered under `key` at `tracker`; `.terminate()` stops it."""
     return rpc.Server(host=host, port=port, port_end=port_end, tracker_addr=tracker, key=key, silent=True)
 
 
 def servers_under_key(tracker: tuple[str, int], key: str, timeout: float = CONNECT_TIMEOUT_S) -> int:
-    """How many servers are registered under `key`; ConfigError when the tracker cannot be reached in `timeout`."""
+    """How many servers are registered under `key`; ConfigError if the tracker is unreachable in `timeout`."""
     session = _tracker_session(tracker, timeout)
     try:
         summary = session.summary()
@@ -49,7 +51,9 @@ def servers_under_key(tracker: tuple[str, int], key: str, timeout: float = CONNE
     return sum(1 for s in summary.get("server_info", []) if s.get("key", "").split(":", 1)[-1] == key)
 
 
-def request_session(tracker: tuple[str, int], key: str, timeout: float, session_timeout: float = 600.0) -> Any:
+def request_session(
+    tracker: tuple[str, int], key: str, timeout: float, session_timeout: float = 600.0
+) -> Any:
     """An RPC session with a free server under `key`, or DeployError when none answers within `timeout` s.
 
     The server ends the session after `session_timeout` s, so a hung board cannot block the caller forever.
@@ -68,8 +72,10 @@ def request_session(tracker: tuple[str, int], key: str, timeout: float, session_
         except Exception as e:  # noqa: BLE001 -- a dying server surfaces as OSError, RuntimeError or TVMError
             last = e
             time.sleep(0.5)
-    raise DeployError(f"RPC: no server under key '{key}' at tracker {tracker[0]}:{tracker[1]} answered within "
-                      f"{timeout:.0f} s ({type(last).__name__ if last else 'timeout'})")
+    raise DeployError(
+        f"RPC: no server under key '{key}' at tracker {tracker[0]}:{tracker[1]} answered within "
+        f"{timeout:.0f} s ({type(last).__name__ if last else 'timeout'})"
+    )
 
 
 def _tracker_session(tracker: tuple[str, int], timeout: float) -> rpc.client.TrackerSession:
@@ -77,16 +83,22 @@ def _tracker_session(tracker: tuple[str, int], timeout: float) -> rpc.client.Tra
     try:
         socket.create_connection((host, port), timeout=min(timeout, CONNECT_TIMEOUT_S)).close()
     except OSError as e:
-        raise ConfigError(f"--rpc: cannot reach the RPC tracker at {host}:{port} "
-                          f"({e.strerror or type(e).__name__})") from None
+        raise ConfigError(
+            f"--rpc: cannot reach the RPC tracker at {host}:{port} ({e.strerror or type(e).__name__})"
+        ) from None
     session = rpc.connect_tracker(host, port)
     # The tracker queues a request until a server frees up; the socket timeout bounds that wait.
     session._sock.settimeout(timeout)
     return session
 
 
-def serve(key: str, host: str = LOOPBACK, port: int = 9090, tracker: tuple[str, int] | None = None,
-          tracker_port: int = 9190) -> None:
+def serve(
+    key: str,
+    host: str = LOOPBACK,
+    port: int = 9090,
+    tracker: tuple[str, int] | None = None,
+    tracker_port: int = 9190,
+) -> None:
     """Run an RPC server under `key` (and a tracker on `tracker_port` when `tracker` is None) until Ctrl-C.
 
     This is `edgecompact rpc-server`: a loopback farm of one for trying `edgecompact profile --rpc`.
@@ -98,9 +110,12 @@ def serve(key: str, host: str = LOOPBACK, port: int = 9090, tracker: tuple[str, 
     else:
         servers_under_key(tracker, key)  # fail now, in one line, if the tracker is unreachable
     server = start_server(tracker, key, host, port, port + 100)
-    print(f"RPC server on {host}:{server.port} under key '{key}', tracker {tracker[0]}:{tracker[1]} "
-          f"(no authentication: {'loopback only' if host == LOOPBACK else 'reachable from the network'}); "
-          "Ctrl-C stops it", flush=True)
+    print(
+        f"RPC server on {host}:{server.port} under key '{key}', tracker {tracker[0]}:{tracker[1]} "
+        f"(no authentication: {'loopback only' if host == LOOPBACK else 'reachable from the network'}); "
+        "Ctrl-C stops it",
+        flush=True,
+    )
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -70,6 +70,7 @@ def test_onnx_export_matches_torch_on_every_zoo_model(name, tmp_path):
     assert eonnx.input_spec(tmp_path / "m.onnx") == ("x", [1, 3, size, size], "float32")
 
 
+@pytest.mark.slow
 def test_tvm_host_build_matches_torch_on_resnet20_and_slimmed_resnet20(tmp_path):
     from edgecompact.budget import uniform_widths
     from edgecompact.structure import analyze, keep_from_scores, slim
@@ -159,14 +160,15 @@ def test_cross_compiled_artifact_is_an_aarch64_shared_object(target_name, tmp_pa
         assert manifest["device"] == "opencl" and "opencl" in manifest["runs_here"]
 
 
+@pytest.mark.slow
 def test_int8_and_fp16_accuracy_stay_near_fp32(trained_resnet20, digits16, tmp_path):
     xs, ys = digits16.test.tensors if digits16.test is not None else digits16.val.tensors
-    eval_data = (xs[:200].numpy(), ys[:200].numpy())
+    eval_data = (xs[:100].numpy(), ys[:100].numpy())
     calib = digits16.train.tensors[0][:64].numpy()
     shape = (1, *xs.shape[1:])
     for precision in ("int8", "fp16"):
         m = json.loads(export_artifact(copy.deepcopy(trained_resnet20), shape, get_target("host"), tmp_path / precision,
-                                       precision=precision, calib=calib, eval_data=eval_data, runs=50).read_text())
+                                       precision=precision, calib=calib, eval_data=eval_data, runs=5).read_text())
         acc = m["accuracy_top1"]
         assert acc["fp32-ort"] > 50, acc  # the fixture model is trained
         assert acc[f"{precision}-ort"] >= acc["fp32-ort"] - 3.0, acc

@@ -1,4 +1,4 @@
-"""LatencyTable: interpolation, prediction, marginal latency, files and target checks; the roofline estimate."""
+"""LatencyTable: interpolation, prediction, marginal latency, files, target checks; roofline."""
 
 from __future__ import annotations
 
@@ -50,8 +50,11 @@ def _table(structure: Structure, fn=_bilinear) -> LatencyTable:
 
 def test_grid_spans_one_eighth_to_full_width_per_kind():
     grid = layer_grid(_structure(), "fp32")
-    assert [str(k) for k in grid] == ["conv2d k3x3 s1x1 dense 16x16->16x16 fp32",
-                                      "conv2d k3x3 s2x2 dw 16x16->8x8 fp32", "linear fp32"]
+    assert [str(k) for k in grid] == [
+        "conv2d k3x3 s1x1 dense 16x16->16x16 fp32",
+        "conv2d k3x3 s2x2 dw 16x16->8x8 fp32",
+        "linear fp32",
+    ]
     conv = grid[next(iter(grid))]
     # the stem (c_in fixed at 3, c_out = a) and conv (a -> b) share one kind: their axes are united
     assert conv == ([2, 3, 4, 8, 12, 16], [2, 4, 8, 12, 16, 24, 32])
@@ -59,13 +62,18 @@ def test_grid_spans_one_eighth_to_full_width_per_kind():
     assert grid[LayerKey.parse("linear fp32")] == ([4, 8, 16, 24, 32], [10])
     for key in grid:
         assert LayerKey.parse(str(key)) == key
-    assert layer_grid(_structure(), "fp32", multiple=8)[LayerKey.parse("linear fp32")] == ([8, 16, 24, 32], [10])
+    assert layer_grid(_structure(), "fp32", multiple=8)[LayerKey.parse("linear fp32")] == (
+        [8, 16, 24, 32],
+        [10],
+    )
 
 
 def test_interpolation_is_exact_at_grid_points_and_for_bilinear_latency():
     s = _structure()
     rng = np.random.default_rng(0)
-    table = _table(s, lambda k, ci, co: float(rng.uniform(0.1, 5.0)))  # arbitrary values: exact at grid points
+    table = _table(
+        s, lambda k, ci, co: float(rng.uniform(0.1, 5.0))
+    )  # arbitrary values: exact at grid points
     conv = s.layers[1]
     entry = table.entries[LayerKey.of(conv, "fp32")]
     for i, j, ci, co in entry.points():
@@ -97,19 +105,28 @@ def test_extrapolation_is_linear_above_and_never_negative_below():
     s = _structure()
     table = _table(s)
     conv, key = s.layers[1], LayerKey.of(s.layers[1], "fp32")
-    assert table.layer_ms(conv, 16, 40) == pytest.approx(_bilinear(key, 16, 40), rel=1e-9)  # bilinear: still exact
+    assert table.layer_ms(conv, 16, 40) == pytest.approx(
+        _bilinear(key, 16, 40), rel=1e-9
+    )  # bilinear: still exact
     assert table.layer_ms(conv, 1, 1) >= 0.0
     entry = table.entries[key]
-    entry.ms = [[1.0 - 0.01 * j for j in range(len(entry.c_out))] for _ in entry.c_in]  # decreasing with c_out
-    assert table.layer_ms(conv, 16, 64) == pytest.approx(table.layer_ms(conv, 16, 32))  # no negative slope outside
+    entry.ms = [
+        [1.0 - 0.01 * j for j in range(len(entry.c_out))] for _ in entry.c_in
+    ]  # decreasing with c_out
+    assert table.layer_ms(conv, 16, 64) == pytest.approx(
+        table.layer_ms(conv, 16, 32)
+    )  # no negative slope outside
 
 
 def test_predict_sums_conv_and_linear_layers_with_batchnorm_folded_and_applies_correction():
     s = _structure()
     table = _table(s)
     widths = {"a": 10, "b": 20}
-    expected = sum(_bilinear(LayerKey.of(layer, "fp32"), c_in, c_out)
-                   for layer, c_in, c_out in s.channels(widths) if layer.op != "batchnorm")
+    expected = sum(
+        _bilinear(LayerKey.of(layer, "fp32"), c_in, c_out)
+        for layer, c_in, c_out in s.channels(widths)
+        if layer.op != "batchnorm"
+    )
     assert table.predict(s, widths) == pytest.approx(expected, rel=1e-9)
     table.correction = {"scale": 1.5, "offset_ms": 0.25, "fitted_on": "test"}
     assert table.predict(s, widths) == pytest.approx(1.5 * expected + 0.25, rel=1e-9)
@@ -129,10 +146,12 @@ def test_marginal_latency_is_the_per_channel_saving_of_the_group():
     key_conv = LayerKey.of(s.layers[1], "fp32")
     h = key_conv.in_hw[0] + 3
     assert table.marginal_latency(s, widths, "a") == pytest.approx(
-        (0.002 + 1e-4 * h * 20) + (0.003 + 1e-4 * h * 3), rel=1e-9)
+        (0.002 + 1e-4 * h * 20) + (0.003 + 1e-4 * h * 3), rel=1e-9
+    )
     table.provenance["channel_multiple"] = 4  # one step is one channel multiple
     assert table.marginal_latency(s, {"a": 12, "b": 20}, "a") == pytest.approx(
-        (table.predict(s, {"a": 12, "b": 20}) - table.predict(s, {"a": 8, "b": 20})) / 4, rel=1e-9)
+        (table.predict(s, {"a": 12, "b": 20}) - table.predict(s, {"a": 8, "b": 20})) / 4, rel=1e-9
+    )
 
 
 def test_missing_or_incomplete_entry_is_a_config_error_naming_the_layer(tmp_path):
@@ -170,8 +189,15 @@ def test_table_of_another_target_is_refused(tmp_path):
         LatencyTable.load(path).check_target(get_target("mali-g52"))
 
 
-@pytest.mark.parametrize("text", ["{not json", '{"format": "something-else"}', "[]",
-                                  '{"format": "edgecompact-latency-table/1", "provenance": {"target": "host"}}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        '{"format": "something-else"}',
+        "[]",
+        '{"format": "edgecompact-latency-table/1", "provenance": {"target": "host"}}',
+    ],
+)
 def test_malformed_table_file_is_a_config_error_naming_the_file(tmp_path, text):
     path = tmp_path / "bad.json"
     path.write_text(text)
@@ -194,18 +220,23 @@ def test_roofline_flops_match_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     # compute-bound figures: 1 GFLOP/s and a huge bandwidth, so the estimate is FLOPs / 1e9 s
-    for conv, hw in [(nn.Conv2d(12, 24, 3, stride=2, padding=1, bias=False), 16),
-                     (nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), 8)]:
+    for conv, hw in [
+        (nn.Conv2d(12, 24, 3, stride=2, padding=1, bias=False), 16),
+        (nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), 8),
+    ]:
         x = torch.randn(1, conv.in_channels, hw, hw)
         with FlopCounterMode(display=False) as counter:
             y = conv(x)
-        key = LayerKey("conv2d", conv.kernel_size, conv.stride, conv.groups > 1, (hw, hw), tuple(y.shape[2:]), "fp32")
+        key = LayerKey(
+            "conv2d", conv.kernel_size, conv.stride, conv.groups > 1, (hw, hw), tuple(y.shape[2:]), "fp32"
+        )
         ms = roofline_ms(key, conv.in_channels, conv.out_channels, peak_gflops=1.0, peak_gbps=1e9)
         assert ms == pytest.approx(counter.get_total_flops() / 1e9 * 1e3, rel=1e-9)
     # memory-bound: 1x1 conv on a big map at 1 GB/s: (input + weight + output) * 4 bytes
     key = LayerKey("conv2d", (1, 1), (1, 1), False, (64, 64), (64, 64), "fp32")
     assert roofline_ms(key, 4, 4, peak_gflops=1e9, peak_gbps=1.0) == pytest.approx(
-        (4 * 64 * 64 + 16 + 4 * 64 * 64) * 4 / 1e9 * 1e3)
+        (4 * 64 * 64 + 16 + 4 * 64 * 64) * 4 / 1e9 * 1e3
+    )
 
 
 def test_roofline_table_is_labelled_an_estimate_and_used_only_without_a_measured_table(tmp_path):

@@ -1,4 +1,4 @@
-"""Profiling: layer modules compute the layer, tables fill and resume (even after SIGKILL), RPC on loopback."""
+"""Profiling: layer modules compute the layer, tables fill and resume (even after SIGKILL), loopback RPC."""
 
 from __future__ import annotations
 
@@ -34,13 +34,16 @@ def _grid(c_in: list[int], c_out: list[int]) -> dict:
     return {CONV: (c_in, c_out)}
 
 
-@pytest.mark.parametrize(("key", "c_in", "c_out"), [
-    ("conv2d k3x3 s1x1 dense 8x8->8x8 fp32", 3, 5),
-    ("conv2d k3x3 s2x2 dense 9x9->5x5 fp32", 4, 6),
-    ("conv2d k1x1 s2x2 dense 8x8->4x4 fp32", 4, 6),
-    ("conv2d k3x3 s2x2 dw 8x8->4x4 fp32", 6, 6),
-    ("linear fp32", 7, 3),
-])
+@pytest.mark.parametrize(
+    ("key", "c_in", "c_out"),
+    [
+        ("conv2d k3x3 s1x1 dense 8x8->8x8 fp32", 3, 5),
+        ("conv2d k3x3 s2x2 dense 9x9->5x5 fp32", 4, 6),
+        ("conv2d k1x1 s2x2 dense 8x8->4x4 fp32", 4, 6),
+        ("conv2d k3x3 s2x2 dw 8x8->4x4 fp32", 6, 6),
+        ("linear fp32", 7, 3),
+    ],
+)
 def test_layer_module_computes_the_layer_as_torch_does(key, c_in, c_out):
     import tvm
     from tvm import relax
@@ -56,17 +59,28 @@ def test_layer_module_computes_the_layer_as_torch_does(key, c_in, c_out):
         want = torch.nn.functional.linear(x, w, b)
     else:
         pad = key.kernel[0] // 2
-        want = torch.relu(torch.nn.functional.conv2d(x, w, b, stride=key.stride, padding=pad,
-                                                     groups=c_out if key.depthwise else 1))
-    assert got.shape == tuple(want.shape) and tuple(want.shape[2:]) == (key.out_hw if key.op != "linear" else ())
+        want = torch.relu(
+            torch.nn.functional.conv2d(
+                x, w, b, stride=key.stride, padding=pad, groups=c_out if key.depthwise else 1
+            )
+        )
+    assert got.shape == tuple(want.shape) and tuple(want.shape[2:]) == (
+        key.out_hw if key.op != "linear" else ()
+    )
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_profile_fills_the_grid_and_a_rerun_measures_nothing(tmp_path):
     out = tmp_path / "t.json"
     seen = []
-    profile(_tiny(), HOST, out, grid=_grid([2, 8], [2, 8]), progress=False,
-            on_measure=lambda *a: seen.append(a[:3]))
+    profile(
+        _tiny(),
+        HOST,
+        out,
+        grid=_grid([2, 8], [2, 8]),
+        progress=False,
+        on_measure=lambda *a: seen.append(a[:3]),
+    )
     assert sorted((c, o) for _, c, o in seen) == [(2, 2), (2, 8), (8, 2), (8, 8)]
     loaded = LatencyTable.load(out, HOST)
     assert loaded.provenance["source"] == "measured" and loaded.provenance["tune_trials"] == 0
@@ -76,10 +90,18 @@ def test_profile_fills_the_grid_and_a_rerun_measures_nothing(tmp_path):
     assert ms[1][1] > ms[0][0]  # 16x the MACs cannot be faster
     assert loaded.predict(_tiny(), {"g": 8}) == pytest.approx(ms[1][1])
     again = []
-    profile(_tiny(), HOST, out, grid=_grid([2, 8], [2, 8]), progress=False, on_measure=lambda *a: again.append(a))
+    profile(
+        _tiny(), HOST, out, grid=_grid([2, 8], [2, 8]), progress=False, on_measure=lambda *a: again.append(a)
+    )
     assert again == []
-    profile(_tiny(), HOST, out, grid=_grid([2, 4, 8], [2, 8]), progress=False,
-            on_measure=lambda *a: again.append(a[1:3]))  # a wider grid measures only the new points
+    profile(
+        _tiny(),
+        HOST,
+        out,
+        grid=_grid([2, 4, 8], [2, 8]),
+        progress=False,
+        on_measure=lambda *a: again.append(a[1:3]),
+    )  # a wider grid measures only the new points
     assert sorted(again) == [(4, 2), (4, 8)]
     assert LatencyTable.load(out).entries[CONV].ms[0] == ms[0]
 
@@ -134,8 +156,14 @@ def test_resume_after_sigkill_repeats_and_loses_no_measurement(tmp_path):
     logged = {tuple(int(v) for v in line.split()) for line in log.read_text().splitlines()}
     assert logged <= recorded and len(recorded) < 16  # every reported point is on disk; the run was cut short
     again: list[tuple[int, int]] = []
-    table = profile(_tiny(), HOST, out, grid=_grid([2, 4, 6, 8], [2, 4, 6, 8]), progress=False,
-                    on_measure=lambda k, ci, co, ms: again.append((ci, co)))
+    table = profile(
+        _tiny(),
+        HOST,
+        out,
+        grid=_grid([2, 4, 6, 8], [2, 4, 6, 8]),
+        progress=False,
+        on_measure=lambda k, ci, co, ms: again.append((ci, co)),
+    )
     assert len(again) == len(set(again)) == 16 - len(recorded)  # exactly the missing points, once each
     assert not set(again) & recorded  # nothing recorded before the kill is measured again
     entry = table.entries[CONV]
@@ -163,7 +191,9 @@ def test_profile_over_loopback_rpc_matches_the_grid(tracker, tmp_path):
     try:
         _wait_servers(tracker, "ec-test", 1)
         out = tmp_path / "rpc.json"
-        table = profile(_tiny(), HOST, out, grid=_grid([8], [2, 8]), rpc=(*tracker, "ec-test"), progress=False)
+        table = profile(
+            _tiny(), HOST, out, grid=_grid([8], [2, 8]), rpc=(*tracker, "ec-test"), progress=False
+        )
     finally:
         server.terminate()
     entry = table.entries[CONV]
@@ -183,8 +213,15 @@ def test_rpc_jobs_survive_a_killed_server(tracker, tmp_path):
             if len(done) == 1:
                 servers[0].terminate()
 
-        table = profile(_tiny(), HOST, tmp_path / "t.json", grid=_grid([2, 4, 8], [2, 8]),
-                        rpc=(*tracker, "ec-kill"), progress=False, on_measure=kill_first)
+        table = profile(
+            _tiny(),
+            HOST,
+            tmp_path / "t.json",
+            grid=_grid([2, 4, 8], [2, 8]),
+            rpc=(*tracker, "ec-kill"),
+            progress=False,
+            on_measure=kill_first,
+        )
     finally:
         for s in servers:
             s.terminate()
@@ -200,10 +237,18 @@ def test_unreachable_tracker_and_unknown_key_fail_fast_in_one_line(tracker, tmp_
         port = s.getsockname()[1]
     start = time.monotonic()
     with pytest.raises(ConfigError, match=rf"cannot reach the RPC tracker at 127\.0\.0\.1:{port}"):
-        profile(_tiny(), HOST, tmp_path / "a.json", grid=_grid([8], [8]), rpc=("127.0.0.1", port, "k"),
-                progress=False)
+        profile(
+            _tiny(),
+            HOST,
+            tmp_path / "a.json",
+            grid=_grid([8], [8]),
+            rpc=("127.0.0.1", port, "k"),
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="no RPC server is registered under key 'nobody'"):
-        profile(_tiny(), HOST, tmp_path / "b.json", grid=_grid([8], [8]), rpc=(*tracker, "nobody"), progress=False)
+        profile(
+            _tiny(), HOST, tmp_path / "b.json", grid=_grid([8], [8]), rpc=(*tracker, "nobody"), progress=False
+        )
     assert time.monotonic() - start < 15
     with pytest.raises(ConfigError, match="--rpc: expected HOST:PORT, got 'localhost'"):
         ec_rpc.parse_address("localhost")

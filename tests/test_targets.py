@@ -1,4 +1,4 @@
-"""Target TOML files: every shipped target loads and builds a TVM target; bad files fail naming file and key."""
+"""Target TOML files: every shipped target loads and builds a TVM target; bad files name file and key."""
 
 from __future__ import annotations
 
@@ -51,11 +51,14 @@ def test_good_file_fields_are_read(tmp_path):
     assert get_target(str(tmp_path / "board.toml")) == target
 
 
-@pytest.mark.parametrize(("edit", "key"), [
-    (lambda t: "flops_per_watt = 3\n" + t, "flops_per_watt"),
-    (lambda t: t.replace('rpc_key = "board"', 'rpc_key = "board"\nrpc_keys = "x"'), "rpc_keys"),
-    (lambda t: t + "bits = 8\n", "constraints.bits"),
-])
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (lambda t: "flops_per_watt = 3\n" + t, "flops_per_watt"),
+        (lambda t: t.replace('rpc_key = "board"', 'rpc_key = "board"\nrpc_keys = "x"'), "rpc_keys"),
+        (lambda t: t + "bits = 8\n", "constraints.bits"),
+    ],
+)
 def test_unknown_key_names_file_and_key(tmp_path, edit, key):
     path = _write(tmp_path, edit(GOOD))
     with pytest.raises(ConfigError, match=rf"board\.toml: unknown key '{key}'"):
@@ -69,14 +72,17 @@ def test_missing_key_names_file_and_key(tmp_path, key):
         load_target_file(_write(tmp_path, text))
 
 
-@pytest.mark.parametrize(("old", "new", "key"), [
-    ("peak_gflops = 10.0", 'peak_gflops = "fast"', "peak_gflops"),
-    ('rpc_key = "board"', "rpc_key = 3", "rpc_key"),
-    ("peak_gbps = 2.0", "peak_gbps = true", "peak_gbps"),
-    ("channel_multiple = 4", "channel_multiple = 2.5", "constraints.channel_multiple"),
-    ('precision = "fp16"', 'precision = "bf16"', "constraints.precision"),
-    ("peak_gbps = 2.0", "peak_gbps = 0", "peak_gbps"),
-])
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ("peak_gflops = 10.0", 'peak_gflops = "fast"', "peak_gflops"),
+        ('rpc_key = "board"', "rpc_key = 3", "rpc_key"),
+        ("peak_gbps = 2.0", "peak_gbps = true", "peak_gbps"),
+        ("channel_multiple = 4", "channel_multiple = 2.5", "constraints.channel_multiple"),
+        ('precision = "fp16"', 'precision = "bf16"', "constraints.precision"),
+        ("peak_gbps = 2.0", "peak_gbps = 0", "peak_gbps"),
+    ],
+)
 def test_bad_value_names_file_and_key(tmp_path, old, new, key):
     with pytest.raises(ConfigError, match=rf"board\.toml: key '{key}'"):
         load_target_file(_write(tmp_path, GOOD.replace(old, new)))

@@ -90,11 +90,19 @@ def main() -> None:
                 ex = compile_onnx(onnx_path, target)
                 x = np.random.default_rng(k).standard_normal((1, *s.input_shape)).astype("float32")
                 measured = statistics.median(time_executable(ex, [x], number=1, repeat=args.runs))
-                print(f"[{k + 1}/{len(archs)}] {name} measured {measured:.2f} ms, predicted "
-                      f"{table.predict(s, widths, corrected=False):.2f} ms ({time.perf_counter() - start:.0f} s)",
-                      flush=True)
-            records.append({"arch": arch, "predicted_raw_ms": round(table.predict(s, widths, corrected=False), 4),
-                            "measured_ms": round(measured, 4)})
+                print(
+                    f"[{k + 1}/{len(archs)}] {name} measured {measured:.2f} ms, predicted "
+                    f"{table.predict(s, widths, corrected=False):.2f} ms "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
+            records.append(
+                {
+                    "arch": arch,
+                    "predicted_raw_ms": round(table.predict(s, widths, corrected=False), 4),
+                    "measured_ms": round(measured, 4),
+                }
+            )
             if k % 5 == 4:
                 _write(args, records, None, table, tvm.__version__)
 
@@ -104,9 +112,12 @@ def main() -> None:
     for r in records:
         r["predicted_ms"] = round(float(a * r["predicted_raw_ms"] + b), 4)
         r["split"] = "fit" if records.index(r) < half else "held-out"
-    correction = {"scale": round(float(a), 6), "offset_ms": round(float(b), 6),
-                  "fitted_on": f"tools/bench_predictor.py: {len(train)} random ResNet-20/32 archs, "
-                               f"{datetime.date.today().isoformat()}"}
+    correction = {
+        "scale": round(float(a), 6),
+        "offset_ms": round(float(b), 6),
+        "fitted_on": f"tools/bench_predictor.py: {len(train)} random ResNet-20/32 archs, "
+        f"{datetime.date.today().isoformat()}",
+    }
     if args.write_correction:
         table.correction = correction
         table.save(args.table)
@@ -116,44 +127,68 @@ def main() -> None:
 
 def _summary(records: list[dict], key: str) -> dict:
     err = [(r[key] - r["measured_ms"]) / r["measured_ms"] for r in records]
-    return {"within_10pct": round(float(np.mean([abs(e) <= 0.10 for e in err])), 3),
-            "mape": round(float(np.mean(np.abs(err)) * 100), 2), "mean_err_pct": round(float(np.mean(err)) * 100, 2),
-            "n": len(records)}
+    return {
+        "within_10pct": round(float(np.mean([abs(e) <= 0.10 for e in err])), 3),
+        "mape": round(float(np.mean(np.abs(err)) * 100), 2),
+        "mean_err_pct": round(float(np.mean(err)) * 100, 2),
+        "n": len(records),
+    }
 
 
-def _write(args: argparse.Namespace, records: list[dict], correction: dict | None, table, tvm_version: str) -> None:
+def _write(
+    args: argparse.Namespace, records: list[dict], correction: dict | None, table, tvm_version: str
+) -> None:
     import edgecompact
 
     results = list(records)
     if correction is not None:
         test = [r for r in records if r["split"] == "held-out"]
         before, after = _summary(test, "predicted_raw_ms"), _summary(test, "predicted_ms")
-        results.append({"name": "summary", "split": "held-out", **after, "before_correction": before,
-                        "correction": correction, "all_archs_uncorrected": _summary(records, "predicted_raw_ms")})
-    doc = {"benchmark": "predictor", "command": "python " + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU; shared with other jobs",
-           "date": datetime.date.today().isoformat(),
-           "versions": {"edgecompact": edgecompact.__version__, "torch": torch.__version__.split("+")[0],
-                        "tvm": tvm_version},
-           "protocol": f"{len(records)} random ArchSpecs of {args.models} (each group uniform in [1/8, 1] of its "
-                       f"width), host, TVM untuned={table.provenance.get('tune_trials') == 0}, "
-                       f"{args.threads} TVM thread(s), median of {args.runs} runs; table {table.label}; "
-                       "correction fitted on the first half, judged on the held-out second half",
-           "results": results}
+        results.append(
+            {
+                "name": "summary",
+                "split": "held-out",
+                **after,
+                "before_correction": before,
+                "correction": correction,
+                "all_archs_uncorrected": _summary(records, "predicted_raw_ms"),
+            }
+        )
+    doc = {
+        "benchmark": "predictor",
+        "command": "python " + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU; shared with other jobs",
+        "date": datetime.date.today().isoformat(),
+        "versions": {
+            "edgecompact": edgecompact.__version__,
+            "torch": torch.__version__.split("+")[0],
+            "tvm": tvm_version,
+        },
+        "protocol": f"{len(records)} random ArchSpecs of {args.models} (each group uniform in [1/8, 1] of "
+        f"its width), host, TVM untuned={table.provenance.get('tune_trials') == 0}, "
+        f"{args.threads} TVM thread(s), median of {args.runs} runs; table {table.label}; "
+        "correction fitted on the first half, judged on the held-out second half",
+        "results": results,
+    }
     BENCH.mkdir(exist_ok=True)
     (BENCH / "predictor.json").write_text(json.dumps(doc, indent=1) + "\n")
     if correction is None:
         return
     s = results[-1]
     before = s["before_correction"]
-    rows = [f"| uncorrected sum of layers | {before['within_10pct'] * 100:.0f}% | {before['mape']:.1f}% | "
-            + f"{before['mean_err_pct']:+.1f}% |",
-            f"| corrected ({correction['scale']:.3f} x sum {correction['offset_ms']:+.3f} ms) | "
-            + f"{s['within_10pct'] * 100:.0f}% | {s['mape']:.1f}% | {s['mean_err_pct']:+.1f}% |"]
+    rows = [
+        f"| uncorrected sum of layers | {before['within_10pct'] * 100:.0f}% | {before['mape']:.1f}% | "
+        + f"{before['mean_err_pct']:+.1f}% |",
+        f"| corrected ({correction['scale']:.3f} x sum {correction['offset_ms']:+.3f} ms) | "
+        + f"{s['within_10pct'] * 100:.0f}% | {s['mape']:.1f}% | {s['mean_err_pct']:+.1f}% |",
+    ]
     (BENCH / "predictor.md").write_text(
-        f"# Predictor accuracy\n\n`{doc['command']}` ({doc['date']}, TVM {tvm_version}). {doc['protocol']}.\n\n"
-        f"Held-out architectures: {s['n']}.\n\n| prediction | within +-10% | MAPE | mean error |\n|---|---|---|---|\n"
-        + "\n".join(rows) + "\n\n![predicted vs measured](predictor.png)\n")
+        f"# Predictor accuracy\n\n`{doc['command']}` ({doc['date']}, TVM {tvm_version}).\n\n"
+        f"{doc['protocol']}.\n\nHeld-out architectures: {s['n']}.\n\n"
+        "| prediction | within +-10% | MAPE | mean error |\n|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n\n![predicted vs measured](predictor.png)\n"
+    )
 
 
 def _plot(records: list[dict], path: Path, label: str) -> None:
@@ -164,15 +199,24 @@ def _plot(records: list[dict], path: Path, label: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
     hi = max(max(r["measured_ms"], r["predicted_raw_ms"], r["predicted_ms"]) for r in records) * 1.05
-    for ax, key, title in [(axes[0], "predicted_raw_ms", "sum of layers"), (axes[1], "predicted_ms", "corrected")]:
+    for ax, key, title in [
+        (axes[0], "predicted_raw_ms", "sum of layers"),
+        (axes[1], "predicted_ms", "corrected"),
+    ]:
         line = np.array([0, hi])
         ax.plot(line, line, "k-", lw=0.8)
         ax.fill_between(line, line * 0.9, line * 1.1, color="0.85", label="+-10%")
         for split, marker in [("fit", "o"), ("held-out", "^")]:
             for model, color in [("resnet20", "tab:blue"), ("resnet32", "tab:orange")]:
                 pts = [r for r in records if r["split"] == split and r["arch"]["model"] == model]
-                ax.scatter([r["measured_ms"] for r in pts], [r[key] for r in pts], s=18, marker=marker, c=color,
-                           label=f"{model} ({split})")
+                ax.scatter(
+                    [r["measured_ms"] for r in pts],
+                    [r[key] for r in pts],
+                    s=18,
+                    marker=marker,
+                    c=color,
+                    label=f"{model} ({split})",
+                )
         ax.set(title=title, xlabel="measured whole model (ms)", xlim=(0, hi), ylim=(0, hi))
     axes[0].set_ylabel(f"predicted (ms), table: {label}")
     axes[1].legend(fontsize=7)

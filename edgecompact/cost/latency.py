@@ -43,8 +43,15 @@ class LayerKey:
 
     @classmethod
     def of(cls, layer: Layer, precision: str) -> LayerKey:
-        return cls(layer.op, tuple(layer.kernel), tuple(layer.stride), layer.depthwise, tuple(layer.in_hw),
-                   tuple(layer.out_hw), precision)
+        return cls(
+            layer.op,
+            tuple(layer.kernel),
+            tuple(layer.stride),
+            layer.depthwise,
+            tuple(layer.in_hw),
+            tuple(layer.out_hw),
+            precision,
+        )
 
     def __str__(self) -> str:
         if self.op == "linear":
@@ -61,8 +68,9 @@ class LayerKey:
         if parts[0] != "conv2d" or len(parts) != 6 or parts[3] not in ("dw", "dense"):
             raise ValueError(f"not a layer key: {text!r}")
         i, o = parts[4].split("->")
-        return cls("conv2d", _pair(parts[1][1:]), _pair(parts[2][1:]), parts[3] == "dw", _pair(i), _pair(o),
-                   parts[5])
+        return cls(
+            "conv2d", _pair(parts[1][1:]), _pair(parts[2][1:]), parts[3] == "dw", _pair(i), _pair(o), parts[5]
+        )
 
 
 @dataclass
@@ -71,7 +79,9 @@ class Entry:
 
     c_in: list[int]
     c_out: list[int]
-    ms: list[list[float | None]]  # ms[i][j] at (c_in[i], c_out[j]); one row when depthwise; None = not measured
+    ms: list[
+        list[float | None]
+    ]  # ms[i][j] at (c_in[i], c_out[j]); one row when depthwise; None = not measured
 
     @classmethod
     def empty(cls, c_in: list[int], c_out: list[int]) -> Entry:
@@ -80,7 +90,11 @@ class Entry:
     def points(self) -> list[tuple[int, int, int, int]]:
         """(i, j, c_in, c_out) of every grid point; depthwise points have c_in == c_out."""
         rows = self.c_in or [None]
-        return [(i, j, ci if ci is not None else co, co) for i, ci in enumerate(rows) for j, co in enumerate(self.c_out)]
+        return [
+            (i, j, ci if ci is not None else co, co)
+            for i, ci in enumerate(rows)
+            for j, co in enumerate(self.c_out)
+        ]
 
 
 @dataclass
@@ -90,7 +104,9 @@ class LatencyTable:
     provenance: dict[str, Any]
     entries: dict[LayerKey, Entry] = field(default_factory=dict)
     # whole-model correction fitted by tools/bench_predictor.py: model_ms = scale * sum_of_layers + offset_ms
-    correction: dict[str, Any] = field(default_factory=lambda: {"scale": 1.0, "offset_ms": 0.0, "fitted_on": None})
+    correction: dict[str, Any] = field(
+        default_factory=lambda: {"scale": 1.0, "offset_ms": 0.0, "fitted_on": None}
+    )
     path: Path | None = None
 
     @classmethod
@@ -98,8 +114,14 @@ class LatencyTable:
         """An empty table for `target`; `source` is "measured" or "roofline-estimate"."""
         if source not in ("measured", "roofline-estimate"):
             raise ValueError(f"source must be 'measured' or 'roofline-estimate', not {source!r}")
-        prov = {"target": target.name, "device": target.description, "precision": target.precision,
-                "channel_multiple": target.channel_multiple, "source": source, "batchnorm": BATCHNORM_NOTE}
+        prov = {
+            "target": target.name,
+            "device": target.description,
+            "precision": target.precision,
+            "channel_multiple": target.channel_multiple,
+            "source": source,
+            "batchnorm": BATCHNORM_NOTE,
+        }
         prov.update(provenance)
         return cls(provenance=prov)
 
@@ -117,13 +139,15 @@ class LatencyTable:
         return f"{self.target} (roofline estimate)" if self.is_estimate else f"{self.target} (measured)"
 
     def check_target(self, target: Target) -> None:
-        """Raise ConfigError unless this table was made for `target` (tables are never mixed across targets)."""
+        """Raise ConfigError unless this table was made for `target` (tables are never mixed)."""
         where = self.path or "latency table"
         if self.target != target.name:
             raise ConfigError(f"{where}: table is for target '{self.target}', not '{target.name}'")
         if self.provenance.get("precision", target.precision) != target.precision:
-            raise ConfigError(f"{where}: table precision is '{self.provenance['precision']}', "
-                              f"target '{target.name}' uses '{target.precision}'")
+            raise ConfigError(
+                f"{where}: table precision is '{self.provenance['precision']}', "
+                f"target '{target.name}' uses '{target.precision}'"
+            )
 
     # -- lookup ------------------------------------------------------------------------------------------
 
@@ -135,17 +159,21 @@ class LatencyTable:
         entry = self.entries.get(key)
         where = self.path or "latency table"
         if entry is None:
-            raise ConfigError(f"{where}: no entry for layer '{layer.name}' ({key}); profile this model for "
-                              f"target '{self.target}'")
+            raise ConfigError(
+                f"{where}: no entry for layer '{layer.name}' ({key}); profile this model for "
+                f"target '{self.target}'"
+            )
         if any(v is None for row in entry.ms for v in row):
-            raise ConfigError(f"{where}: entry '{key}' is incomplete; re-run `edgecompact profile` to resume it")
+            raise ConfigError(
+                f"{where}: entry '{key}' is incomplete; re-run `edgecompact profile` to resume it"
+            )
         if not entry.c_in:
             return _interp1(entry.c_out, entry.ms[0], c_out)
         column = [_interp1(entry.c_out, row, c_out) for row in entry.ms]
         return _interp1(entry.c_in, column, c_in)
 
     def predict(self, structure: Structure, widths: dict[str, int], *, corrected: bool = True) -> float:
-        """Predicted latency (ms) of `structure` at `widths`: the sum over its conv and linear layers (BN folded),
+        """Predicted latency (ms) of `structure` at `widths`: the sum over conv and linear layers (BN folded),
         then the table's whole-model correction unless `corrected` is False."""
         total = sum(self.layer_ms(layer, c_in, c_out) for layer, c_in, c_out in structure.channels(widths))
         if not corrected:
@@ -153,21 +181,29 @@ class LatencyTable:
         return self.correction["scale"] * total + self.correction["offset_ms"]
 
     def marginal_latency(self, structure: Structure, widths: dict[str, int], group: str) -> float:
-        """ms saved per channel removed from `group` at `widths` (one channel_multiple step, finite difference).
+        """ms saved per channel removed from `group` at `widths` (one channel_multiple step, finite diff.).
 
         Clamped at >= 0: measurement noise must never make a channel look like it costs negative time.
         """
         step = int(self.provenance.get("channel_multiple", 1))
         width = widths[group]
         lo, hi = (width - step, width) if width - step >= 1 else (width, width + step)
-        saved = self.predict(structure, {**widths, group: hi}) - self.predict(structure, {**widths, group: lo})
+        saved = self.predict(structure, {**widths, group: hi}) - self.predict(
+            structure, {**widths, group: lo}
+        )
         return max(0.0, saved / (hi - lo))
 
     # -- files -------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "provenance": self.provenance, "correction": self.correction,
-                "entries": {str(k): {"c_in": e.c_in, "c_out": e.c_out, "ms": e.ms} for k, e in self.entries.items()}}
+        return {
+            "format": FORMAT,
+            "provenance": self.provenance,
+            "correction": self.correction,
+            "entries": {
+                str(k): {"c_in": e.c_in, "c_out": e.c_out, "ms": e.ms} for k, e in self.entries.items()
+            },
+        }
 
     def save(self, path: Path) -> None:
         """Write atomically (temp file + rename), so a killed process leaves the previous complete file."""
@@ -201,14 +237,29 @@ class LatencyTable:
                     raise TypeError(f"provenance.{key} missing")
             entries = {}
             for text, e in raw["entries"].items():
-                entry = Entry([int(c) for c in e["c_in"]], [int(c) for c in e["c_out"]],
-                              [[None if v is None else float(v) for v in row] for row in e["ms"]])
-                if len(entry.ms) != max(1, len(entry.c_in)) or any(len(r) != len(entry.c_out) for r in entry.ms):
+                entry = Entry(
+                    [int(c) for c in e["c_in"]],
+                    [int(c) for c in e["c_out"]],
+                    [[None if v is None else float(v) for v in row] for row in e["ms"]],
+                )
+                if len(entry.ms) != max(1, len(entry.c_in)) or any(
+                    len(r) != len(entry.c_out) for r in entry.ms
+                ):
                     raise ValueError(f"entry '{text}': ms grid does not match its axes")
                 entries[LayerKey.parse(text)] = entry
             correction = dict(raw.get("correction") or {"scale": 1.0, "offset_ms": 0.0, "fitted_on": None})
-            correction["scale"], correction["offset_ms"] = float(correction["scale"]), float(correction["offset_ms"])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            correction["scale"], correction["offset_ms"] = (
+                float(correction["scale"]),
+                float(correction["offset_ms"]),
+            )
+        except (
+            json.JSONDecodeError,
+            UnicodeDecodeError,
+            KeyError,
+            TypeError,
+            ValueError,
+            AttributeError,
+        ) as e:
             raise ConfigError(f"{path}: malformed latency table ({type(e).__name__}: {e})") from None
         table = cls(provenance=prov, entries=entries, correction=correction, path=path)
         if target is not None:
@@ -236,15 +287,19 @@ def _interp1(xs: list[int], ys: list[float], x: float) -> float:
 
 
 def width_grid(full: int, multiple: int = 1, fixed: int = 0) -> list[int]:
-    """Grid widths for a channel count whose searchable part is `full - fixed` (fixed: image channels etc.)."""
+    """Grid widths of a channel count whose searchable part is `full - fixed` (fixed: image channels)."""
     free = full - fixed
     if free <= 0:
         return [full]
     step = multiple if free > multiple else 1
-    return sorted({fixed + max(step, min(free, step * math.ceil(f * free / step - 1e-9))) for f in GRID_FRACTIONS})
+    return sorted(
+        {fixed + max(step, min(free, step * math.ceil(f * free / step - 1e-9))) for f in GRID_FRACTIONS}
+    )
 
 
-def layer_grid(structure: Structure, precision: str, multiple: int = 1) -> dict[LayerKey, tuple[list[int], list[int]]]:
+def layer_grid(
+    structure: Structure, precision: str, multiple: int = 1
+) -> dict[LayerKey, tuple[list[int], list[int]]]:
     """(c_in axis, c_out axis) of every distinct layer kind of `structure`'s search space.
 
     Layers sharing a kind share one grid (the union of their axes). Depthwise convs get an empty c_in axis.
@@ -255,7 +310,9 @@ def layer_grid(structure: Structure, precision: str, multiple: int = 1) -> dict[
             continue
         key = LayerKey.of(layer, precision)
         fixed_in = sum(p * m for p, m in zip(layer.in_parts, layer.in_multiplier) if not isinstance(p, str))
-        mult_in = max([m for p, m in zip(layer.in_parts, layer.in_multiplier) if isinstance(p, str)], default=1)
+        mult_in = max(
+            [m for p, m in zip(layer.in_parts, layer.in_multiplier) if isinstance(p, str)], default=1
+        )
         ins = set() if layer.depthwise else set(width_grid(c_in, multiple * mult_in, fixed_in))
         outs = set(width_grid(c_out, multiple) if layer.out_group is not None else [c_out])
         got = axes.setdefault(key, (set(), set()))
@@ -269,8 +326,9 @@ def default_table_path(target: Target, space: str, directory: Path = PROFILES_DI
     return Path(directory) / f"{target.name}-{target.precision}-{space}.json"
 
 
-def table_for(target: Target, structure: Structure, space: str | None = None,
-              directory: Path = PROFILES_DIR) -> LatencyTable:
+def table_for(
+    target: Target, structure: Structure, space: str | None = None, directory: Path = PROFILES_DIR
+) -> LatencyTable:
     """The measured table of `target` for this search space if one exists, else the roofline estimate.
 
     The estimate's provenance says `roofline-estimate` and `label` says so: callers print the label.

@@ -1,7 +1,8 @@
 """Roofline latency estimate for a target that has no measured table.
 
 Per layer: max(FLOPs / peak GFLOP/s, bytes moved / peak GB/s), from the target's TOML peak figures. It is an
-estimate and says so: the tables it builds carry `source = "roofline-estimate"`, and reports print their label.
+estimate and says so: the tables it builds carry `source = "roofline-estimate"`, and reports print
+their label.
 It must not be presented as a measurement.
 """
 
@@ -15,21 +16,28 @@ BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
 
 
 def roofline_ms(key: LayerKey, c_in: int, c_out: int, peak_gflops: float, peak_gbps: float) -> float:
-    """Roofline time of one conv/linear layer: FLOPs = 2 x MACs; bytes = input + weights + output, read once."""
+    """Roofline time of one conv/linear layer: FLOPs = 2 x MACs; bytes = input + weights + output."""
     (kh, kw), (ih, iw), (oh, ow) = key.kernel, key.in_hw, key.out_hw
     if key.depthwise:
         c_in = c_out
     per_out = (1 if key.depthwise else c_in) * kh * kw
     flops = 2.0 * per_out * c_out * oh * ow
     elements = c_in * ih * iw + per_out * c_out + c_out * oh * ow
-    seconds = max(flops / (peak_gflops * 1e9), elements * BYTES_PER_ELEMENT[key.precision] / (peak_gbps * 1e9))
+    seconds = max(
+        flops / (peak_gflops * 1e9), elements * BYTES_PER_ELEMENT[key.precision] / (peak_gbps * 1e9)
+    )
     return seconds * 1e3
 
 
 def roofline_table(structure: Structure, target: Target) -> LatencyTable:
     """A LatencyTable of roofline estimates on the same grid a profile of `structure` would measure."""
-    table = LatencyTable.new(target, "roofline-estimate", space=structure.model_name,
-                             peak_gflops=target.peak_gflops, peak_gbps=target.peak_gbps)
+    table = LatencyTable.new(
+        target,
+        "roofline-estimate",
+        space=structure.model_name,
+        peak_gflops=target.peak_gflops,
+        peak_gbps=target.peak_gbps,
+    )
     for key, (c_in, c_out) in layer_grid(structure, target.precision, target.channel_multiple).items():
         entry = Entry.empty(c_in, c_out)
         for i, j, ci, co in entry.points():

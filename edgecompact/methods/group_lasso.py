@@ -14,13 +14,13 @@ Channels are then ranked by their slice RMS (norm / sqrt(n_g), comparable across
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from edgecompact.budget import fit_to_budget
+from edgecompact.errors import ConfigError
 from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, marginal_costs, register_method
 from edgecompact.structure import Structure
 from edgecompact.train import train
@@ -105,48 +105,62 @@ def _zero_small(threshold: float):
     return after_step
 
 
-def auto_lambda(ctx: SearchContext, model: nn.Module, cost_w: dict[str, float], lr: float, strength: float) -> float:
-    """lambda with which the penalty alone zeroes the median channel (by RMS / cost weight) in the schedule.
+def auto_lambda(ctx: SearchContext, cost_w: dict[str, float], lr: float, strength: float) -> float:
+    """lambda with which the penalty alone would zero a typical channel of the costliest group in the schedule.
 
-    A channel's norm shrinks by lr_eff * lambda * c_g * sqrt(n_g) per step and equals sqrt(n_g) * rms, so it
-    reaches 0 after rms / (lr_eff * lambda * c_g) steps; lr_eff sums the cosine schedule and SGD's momentum gain.
+    With weights c_g * sqrt(n_g) * s_g, a channel of RMS s_g shrinks by the fraction lr_eff * lambda * c_g per
+    step, so it reaches 0 when lambda * c_g * sum(lr_eff) = 1; lr_eff sums the cosine schedule and SGD's momentum.
     """
     cfg = ctx.search_config(lr=lr)
-    steps = max(1, len(ctx.data.train) // min(cfg.batch_size, len(ctx.data.train))) * max(1, cfg.epochs)
+    n = len(ctx.data.train)
+    steps = max(1, n // min(cfg.batch_size, n)) * max(1, cfg.epochs)
     lr_sum = sum(0.5 * lr * (1 + math.cos(math.pi * s / steps)) for s in range(steps)) / (1 - cfg.momentum)
-    sizes = slice_sizes(model, ctx.structure)
+    return strength / (lr_sum * max(cost_w.values()))
+
+
+def penalty_weights(model: nn.Module, structure: Structure, cost_w: dict[str, float]) -> dict[str, float]:
+    """c_g * sqrt(n_g) * s_g: cost weight, Yuan & Lin's size factor, and the group's mean channel RMS in `model`.
+
+    The RMS factor makes the penalty shrink every layer at the same relative rate whatever its weight scale
+    (initializations scale weights by fan-in), so only the cost weight decides where the pressure goes.
+    """
+    sizes = slice_sizes(model, structure)
     with torch.no_grad():
-        norms = slice_norms(model, ctx.structure)
-    ratios = [float(v) / math.sqrt(sizes[g]) / cost_w[g] for g, n in norms.items() for v in n]
-    return strength * statistics.median(ratios) / lr_sum
+        rms = {g: float(n.mean()) / math.sqrt(sizes[g]) for g, n in slice_norms(model, structure).items()}
+    return {g: cost_w[g] * math.sqrt(sizes[g]) * rms[g] for g in structure.groups}
 
 
 @register_method("group-lasso")
 def group_lasso(ctx: SearchContext) -> Proposal:
-    """Sparse-train a copy of the baseline with the (cost-weighted) group lasso, then cut to the budget by RMS."""
+    """Sparse-train a copy of the baseline with the (cost-weighted) group lasso, then cut to the budget."""
     opts = ctx.options
     lr = float(opts.get("lr", ctx.finetune.lr))
     weighted = str(opts.get("cost_weighted", "true")).lower() in ("1", "true", "yes", "on")
+    score_by = str(opts.get("score", "baseline"))
+    if score_by not in ("baseline", "mean"):
+        raise ConfigError(f"--set score={score_by}: choose baseline or mean")
     model = copy_baseline(ctx)
     structure = ctx.structure
     cost_w = cost_weights(ctx) if weighted else {g: 1.0 for g in structure.groups}
+    weights = penalty_weights(model, structure, cost_w)
     sizes = slice_sizes(model, structure)
-    weights = {g: cost_w[g] * math.sqrt(sizes[g]) for g in structure.groups}
-    if "lambda" in opts:
-        lam = float(opts["lambda"])
-    else:
-        lam = auto_lambda(ctx, model, cost_w, lr, float(opts.get("strength", 1.0)))
+    with torch.no_grad():
+        before = {g: n.mean() for g, n in slice_norms(model, structure).items()}
+    lam = float(opts["lambda"]) if "lambda" in opts else auto_lambda(ctx, cost_w, lr, float(opts.get("strength", 1)))
     ctx.log(f"group-lasso: lambda={lam:.3g} lr={lr:g} cost_weighted={weighted} epochs={ctx.search_epochs}")
     hist = sparse_train(ctx, model, weights, lam, lr, float(opts.get("zero_below", 1e-4)),
                         ctx.state_path("group_lasso.pt"))
     with torch.no_grad():
         norms = slice_norms(model, structure)
-    scores = {g: n / math.sqrt(sizes[g]) for g, n in norms.items()}
+    # baseline: a channel's norm over its group's mean norm before sparse training (shows whole groups shrinking);
+    # mean: over its group's mean norm now (relative within the group only)
+    scores = {g: n / (before[g] if score_by == "baseline" else n.mean()) for g, n in norms.items()}
     keep = fit_to_budget(structure, scores, ctx.cost, ctx.target_cost, ctx.budget.tolerance, ctx.channel_multiple)
-    zeros = sum(int((s < 1e-3).sum()) for s in scores.values())
-    history = [{"lambda": lam, "lr": lr, "cost_weighted": weighted, "epochs": ctx.search_epochs,
+    zeros = sum(int((n / math.sqrt(sizes[g]) < 1e-3).sum()) for g, n in norms.items())
+    history = [{"lambda": lam, "lr": lr, "cost_weighted": weighted, "score": score_by, "epochs": ctx.search_epochs,
                 "cost_weights": {g: round(v, 4) for g, v in cost_w.items()},
                 "train": hist["epochs"], "channels_below_1e-3_rms": zeros,
+                "group_norm_ratio": {g: round(float(n.mean() / before[g]), 4) for g, n in norms.items()},
                 "widths": {g: len(v) for g, v in keep.items()}}]
     return Proposal(keep=keep, source=model, history=history)
 

@@ -30,7 +30,8 @@ from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, mar
 from edgecompact.structure import Structure, channel_masks, keep_from_scores, round_width
 from edgecompact.train import train
 
-# Default of the `from_scratch` option: the better of the two on digits (see the module's report in benchmarks/).
+# Default of `from_scratch`: inherited weights won on digits16 / ResNet-20 at 0.33x FLOPs, 2 search + 3 fine-tune
+# epochs: top-1 96.66 % inherited vs 94.15 % from scratch (same architecture).
 FROM_SCRATCH_DEFAULT = False
 LAMBDA_STRENGTH = 1.0  # see schedule_lambda
 WeightFn = Callable[[dict[str, int]], dict[str, float]]

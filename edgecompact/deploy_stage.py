@@ -1,0 +1,61 @@
+"""The deploy step of a search run: export baseline and compact model for the target, measure both in one process.
+
+Glue only: exporting, compiling and timing live in edgecompact.deploy. The measured latencies are merged into the
+run's records (keys `<target>-tvm`, `<target>-ort`, `<target>-torch`), next to the predicted ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from edgecompact.data import DataSplits
+from edgecompact.targets import Target
+
+EVAL_IMAGES = 500  # deployed-runtime accuracy is measured on this many test images (batch 1 through each runtime)
+
+
+def _export(model: nn.Module, data: DataSplits, target: Target, out: Path, precision: str,
+            tune_trials: int) -> Path:
+    from edgecompact.deploy.artifact import export_artifact
+
+    if (out / "manifest.json").is_file():
+        return out
+    test = data.test if data.test is not None else data.val
+    x, y = test.tensors
+    calib = data.train.tensors[0][:256].numpy() if precision == "int8" else None
+    export_artifact(model.eval(), (1, data.in_channels, data.input_size, data.input_size), target, out,
+                    precision=precision, tune_trials=tune_trials, calib=calib,
+                    eval_data=(x[:EVAL_IMAGES].numpy(), y[:EVAL_IMAGES].numpy()), overwrite=True)
+    return out
+
+
+def deploy_run(run_dir: Path, records: list[dict], baseline: nn.Module, compact: nn.Module, data: DataSplits,
+               target: Target, *, precision: str = "fp32", tune_trials: int = 0, baseline_dir: Path | None = None,
+               log=print) -> dict:
+    """Export both models under run_dir/deploy/<target>/ (the baseline's artifact may be shared through
+    `baseline_dir`), time them in this process where the target runs here, and merge the latencies into
+    `records` (baseline first, compact second). Returns the bench document written to bench.json."""
+    from edgecompact.deploy.bench import bench_artifacts
+
+    root = Path(run_dir) / "deploy" / target.name
+    base_art = Path(baseline_dir) if baseline_dir is not None else root / "baseline"
+    log(f"deploy: exporting the baseline and the compact model for {target.name} ({precision}, "
+        f"{'tuned ' + str(tune_trials) + ' trials/task' if tune_trials else 'untuned TVM'})")
+    _export(baseline, data, target, base_art, precision, tune_trials)
+    _export(compact, data, target, root / "compact", precision, tune_trials)
+    arts = [base_art, root / "compact"]
+    doc = bench_artifacts(arts, models={str(base_art): baseline, str(root / "compact"): compact}, write=True)
+    for rec, res in zip(records, doc["results"]):
+        rec.setdefault("latency_ms", {}).update(res.get("latency_ms", {}))
+        manifest = json.loads((Path(res["artifact"]) / "manifest.json").read_text())
+        if "accuracy_top1" in manifest:
+            rec["deployed_top1"] = manifest["accuracy_top1"]
+        if "best_runtime" in manifest:
+            rec["best_runtime"] = manifest["best_runtime"]
+        if res.get("skipped"):
+            rec["measured"] = res["skipped"]
+    (root / "bench.json").write_text(json.dumps(doc, indent=1))
+    return doc

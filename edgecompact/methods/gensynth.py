@@ -1,0 +1,504 @@
+"""Generative Synthesis (Wong et al. 2018, "FermiNets"; Shafiee et al. 2020 sec. 2.4): a generator-inquisitor pair.
+
+The generator G (keep logits over the baseline's channels, plus the weights of the network it refines) synthesizes
+concrete architectures from seeds. The inquisitor I probes each synthesized, briefly fine-tuned network with stimuli
+(training batches and per-channel perturbations), measures every channel's contribution to the loss, and its
+insights move G's logits. U (NetScore) ranks candidates; the indicator 1_r (budget on the target, accuracy at the
+deployment precision, channel multiple) decides which are acceptable. Cycles follow a geometric compaction schedule
+from the baseline's cost down to the budget. Grouping, slimming and budget fitting are the shared ones
+(structure.py, budget.py); the design and every choice the papers leave open are in docs/gensynth.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from edgecompact.budget import CostFn, fit_to_budget, within
+from edgecompact.errors import BudgetError, ConfigError
+from edgecompact.methods.base import Proposal, SearchContext, marginal_costs, register_method
+from edgecompact.precision import calibration_inputs, evaluate_at_precision
+from edgecompact.structure import Structure, check_widths, slim, widths_of
+from edgecompact.train import evaluate, load_checkpoint, train
+
+OPTIONS: dict[str, object] = {
+    "cycles": 4,  # K: compaction cycles, geometric steps from the baseline's cost to the budget
+    "samples": 4,  # networks synthesized per cycle (seeds); sample 0 is G's mode (no noise)
+    "steps": 0,  # fine-tune steps per sample; 0: search_epochs of training spread over cycles x samples
+    "utility": "netscore",  # U: "netscore" (m = MACs) or "netscore-latency" (m = predicted ms on the target)
+    "accuracy_tolerance": 1.0,  # 1_r: top-1 points (at the deployment precision) below the baseline's val top-1
+    "temperature": 0.5,  # Gumbel noise scale of G's sampling (theta_G)
+    "step": 0.5,  # eta: how far one cycle's insights move G's logits (theta_I)
+    "elite": 0.5,  # fraction of the acceptable samples whose insights update G (cross-entropy method)
+    "probe": "taylor",  # I's perturbation: "taylor" (first-order |a dL/da|) or "ablation" (zero each channel)
+    "probe_batches": 4,  # I's stimuli: this many fixed training batches
+    "calib": 256,  # int8 calibration inputs (the deploy stage's count)
+    "strict": False,  # raise BudgetError instead of returning a network that misses the accuracy requirement
+}
+UTILITIES = ("netscore", "netscore-latency")
+PROBES = ("taylor", "ablation")
+HARD = ("budget", "multiple")  # constraints no returned network may break, even with the accuracy relaxed
+
+
+def options(ctx: SearchContext) -> dict:
+    """The method's options from `ctx.options` (`--set key=value`), typed like the defaults, checked."""
+    unknown = sorted(set(ctx.options) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"--set {unknown[0]}: not a gensynth option (known: {', '.join(OPTIONS)})")
+    out = {}
+    for key, default in OPTIONS.items():
+        value = ctx.options.get(key, default)
+        try:
+            if isinstance(default, bool):
+                if str(value).lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = str(value).lower() in ("true", "1")
+            else:
+                value = type(default)(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--set {key}={value}: expected {type(default).__name__}") from None
+        out[key] = value
+    checks = [("cycles", out["cycles"] >= 1), ("samples", out["samples"] >= 1), ("steps", out["steps"] >= 0),
+              ("utility", out["utility"] in UTILITIES), ("accuracy_tolerance", out["accuracy_tolerance"] >= 0),
+              ("temperature", out["temperature"] >= 0), ("step", 0 < out["step"] <= 1),
+              ("elite", 0 < out["elite"] <= 1), ("probe", out["probe"] in PROBES),
+              ("probe_batches", out["probe_batches"] >= 1), ("calib", out["calib"] >= 1)]
+    for key, ok in checks:
+        if not ok:
+            allowed = {"utility": " (choose " + ", ".join(UTILITIES) + ")", "probe": " (choose " + ", ".join(PROBES)
+                       + ")"}.get(key, "")
+            raise ConfigError(f"--set {key}={out[key]}: out of range{allowed}")
+    if out["utility"] == "netscore-latency" and ctx.latency is None:
+        raise ConfigError("--set utility=netscore-latency needs --target (a latency table or roofline estimate)")
+    return out
+
+
+# ---- U: the universal performance function ------------------------------------------------------------------
+
+def netscore(top1: float, params_m: float, macs: float, alpha: float = 2.0, beta: float = 0.5,
+             gamma: float = 0.5) -> float:
+    """NetScore (Wong 2018): 20 log10(a^alpha / (p^beta m^gamma)); a = top-1 %, p = M params, m = G MACs (or ms)."""
+    return 20 * math.log10(max(top1, 1e-6) ** alpha / (params_m ** beta * macs ** gamma))
+
+
+def utility(record: dict, kind: str) -> float:
+    """U of an assessed network: NetScore with m = MACs in billions (FLOPs / 2) or the target's predicted ms."""
+    m = record["flops"] / 2 / 1e9 if kind == "netscore" else record["ms"]
+    return netscore(record["top1"], record["params"] / 1e6, m)
+
+
+# ---- 1_r: the indicator of the operational requirements --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Requirement:
+    """r: what 1_r checks. `level` is the cost this cycle must land on (the last cycle's is the budget)."""
+
+    level: float
+    tolerance: float  # budget tolerance, a fraction of `level`
+    channel_multiple: int
+    min_top1: float  # baseline val top-1 (fp32) minus the accuracy tolerance
+    precision: str  # the deployment precision accuracy must be measured at
+
+
+def indicator(record: dict, req: Requirement, structure: Structure) -> list[str]:
+    """The requirements `record` violates ("budget", "multiple", "accuracy", "precision"); 1_r = 1 iff none.
+
+    "accuracy": even the fp32 network misses `min_top1`; "precision": fp32 meets it but the network at the
+    deployment precision does not, or the accuracy was not measured at the deployment precision.
+    """
+    out = []
+    if not within(record["cost"], req.level, req.tolerance):
+        out.append("budget")
+    try:
+        check_widths(structure, record["widths"], req.channel_multiple)
+    except (BudgetError, ConfigError):
+        out.append("multiple")
+    if record["top1_fp32"] < req.min_top1:
+        out.append("accuracy")
+    elif record["precision"] != req.precision or record["top1"] < req.min_top1:
+        out.append("precision")
+    return out
+
+
+# ---- G: the generator ----------------------------------------------------------------------------------------
+
+@dataclass
+class Generator:
+    """theta_G: keep logits over every baseline channel, and the network G refines (its channels and weights).
+
+    Logits are log(contribution per unit of marginal cost), centred, so they are comparable across groups: a
+    global threshold on them is a greedy knapsack over the budget. G's current network is the best acceptable one
+    of the last cycle; what G synthesizes next is a subset of its channels (progressive compaction).
+    """
+
+    logits: dict[str, torch.Tensor]
+    keep: dict[str, list[int]]  # baseline channel indices of the current network, sorted
+    model: nn.Module  # the current network's weights (slimmed to `keep`)
+    temperature: float
+
+
+def synthesize(gen: Generator, structure: Structure, cost: CostFn, level: float, tolerance: float, multiple: int,
+               seed: int, noise: bool = True) -> tuple[dict[str, list[int]], nn.Module]:
+    """N_s = G(s): Gumbel-top-k on G's logits (a Plackett-Luce sample) cut to `level` by the shared budget fit.
+
+    Returns the kept baseline channels per group and the network with weights inherited from G's network.
+    """
+    current = replace(structure, groups=widths_of(gen.keep))
+    rng = torch.Generator().manual_seed(seed)
+    scores = {}
+    for g, idx in gen.keep.items():
+        s = gen.logits[g][torch.tensor(idx, dtype=torch.long)].clone()
+        if noise and gen.temperature > 0:
+            u = torch.rand(len(idx), generator=rng).clamp_(1e-10, 1 - 1e-10)
+            s += gen.temperature * -torch.log(-torch.log(u))
+        scores[g] = s
+    rel = fit_to_budget(current, scores, cost, level, tolerance, multiple)
+    keep = {g: [gen.keep[g][i] for i in rel[g]] for g in rel}
+    return keep, slim(gen.model, current, rel)
+
+
+# ---- I: the inquisitor ---------------------------------------------------------------------------------------
+
+@dataclass
+class Inquisitor:
+    """theta_I: the stimuli (fixed training batches), the perturbation, and how insights update G."""
+
+    probes: list[tuple[torch.Tensor, torch.Tensor]]
+    perturbation: str  # "taylor" | "ablation"
+    step: float  # eta
+    elite: float  # fraction of acceptable samples whose insights count
+
+
+def _writers(structure: Structure) -> dict[str, list[str]]:
+    """Modules whose outputs carry each group's channels: its BatchNorms, else its convs/linears."""
+    out: dict[str, list[str]] = {}
+    for g in structure.groups:
+        layers = [la for la in structure.layers if la.out_group == g]
+        bns = [la.name for la in layers if la.op == "batchnorm"]
+        out[g] = bns or [la.name for la in layers]
+    return out
+
+
+def contributions(inq: Inquisitor, model: nn.Module, structure: Structure) -> dict[str, torch.Tensor]:
+    """I's reactions: per group, each present channel's contribution to the loss on the stimuli (>= 0).
+
+    taylor: |sum over the channel's outputs (all of its group's writers) of a * dL/da| per example, averaged —
+    the first-order loss change when the channel is removed (Molchanov et al. 2017). ablation: the measured loss
+    increase when the channel is zeroed in all of its writers (clipped at 0).
+    """
+    mods = dict(model.named_modules())
+    writers = _writers(structure)
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()  # stimuli must not move BN statistics
+    try:
+        if inq.perturbation == "taylor":
+            return _taylor(model, mods, writers, inq.probes, device)
+        return _ablation(model, mods, writers, structure.groups, inq.probes, device)
+    finally:
+        model.train(was)
+
+
+def _taylor(model, mods, writers, probes, device) -> dict[str, torch.Tensor]:
+    total: dict[str, torch.Tensor] = {}
+    seen = 0
+    acts: dict[str, torch.Tensor] = {}
+    for x, y in probes:
+        acts.clear()
+        handles = [mods[n].register_forward_hook(lambda _m, _i, o, n=n: acts.__setitem__(n, o))
+                   for names in writers.values() for n in names]
+        try:
+            loss = F.cross_entropy(model(x.to(device)), y.to(device), reduction="sum")
+        finally:
+            for h in handles:
+                h.remove()
+        names = list(acts)
+        grads = dict(zip(names, torch.autograd.grad(loss, [acts[n] for n in names])))
+        for g, ns in writers.items():
+            per_example = sum((acts[n] * grads[n]).detach().flatten(2).sum(2) if acts[n].dim() > 2
+                              else (acts[n] * grads[n]).detach() for n in ns)
+            total[g] = total.get(g, 0) + per_example.abs().sum(0).cpu()
+        seen += len(y)
+    return {g: v / seen for g, v in total.items()}
+
+
+@torch.no_grad()
+def _ablation(model, mods, writers, widths, probes, device) -> dict[str, torch.Tensor]:
+    def loss() -> float:
+        return sum(float(F.cross_entropy(model(x.to(device)), y.to(device), reduction="sum")) for x, y in probes)
+
+    n = sum(len(y) for _, y in probes)
+    base = loss()
+    out = {}
+    for g, names in writers.items():
+        deltas = torch.zeros(widths[g])
+        for c in range(widths[g]):
+            def zero(_m, _i, o, c=c):
+                o = o.clone()
+                o[:, c] = 0
+                return o
+
+            handles = [mods[name].register_forward_hook(zero) for name in names]
+            try:
+                deltas[c] = (loss() - base) / n
+            finally:
+                for h in handles:
+                    h.remove()
+        out[g] = deltas.clamp(min=0)
+    return out
+
+
+def insights(contrib: dict[str, torch.Tensor], keep: dict[str, list[int]], marginal: dict[str, float]) -> dict:
+    """Per present channel (baseline index): log(contribution / marginal cost of its group), centred on the median.
+
+    This is the quantity G's logits estimate; centring makes samples of different loss scales comparable.
+    """
+    positive = [m for m in marginal.values() if m > 0]
+    floor = 1e-3 * (sum(positive) / len(positive)) if positive else 1.0
+    mean_q = float(torch.cat([c.flatten() for c in contrib.values()]).mean())
+    eps = 1e-6 * mean_q if mean_q > 0 else 1e-12
+    values = {g: torch.log(contrib[g].double() + eps) - math.log(max(marginal[g], floor)) for g in keep}
+    median = float(torch.cat(list(values.values())).median())
+    return {g: {c: float(v) - median for c, v in zip(keep[g], values[g])} for g in keep}
+
+
+def update(gen: Generator, elite: list[dict], step: float) -> dict[str, torch.Tensor]:
+    """The insight-to-update rule: each channel's logit moves `step` of the way to its mean elite insight.
+
+    A cross-entropy-method step: only the elite (best-U acceptable samples) count, and a channel no elite sample
+    kept is left as it is (it was not observed). Returns the new logits; `gen` is not changed.
+    """
+    new = {g: v.clone() for g, v in gen.logits.items()}
+    for g, logits in new.items():
+        sums: dict[int, list[float]] = {}
+        for ins in elite:
+            for c, v in ins.get(g, {}).items():
+                sums.setdefault(c, []).append(v)
+        for c, vs in sums.items():
+            logits[c] = (1 - step) * logits[c] + step * sum(vs) / len(vs)
+    return new
+
+
+# ---- the cycles ------------------------------------------------------------------------------------------------
+
+def schedule(baseline_cost: float, target: float, cycles: int) -> list[float]:
+    """The cost each cycle synthesizes at: geometric steps from the baseline's cost, the last one the budget."""
+    return [baseline_cost * (target / baseline_cost) ** ((k + 1) / cycles) for k in range(cycles)]
+
+
+def _marginal(ctx: SearchContext, widths: dict[str, int]) -> dict[str, float]:
+    return marginal_costs(ctx.cost, ctx.structure, widths, step=max(1, ctx.channel_multiple))
+
+
+def _at(structure: Structure, keep: dict[str, list[int]]) -> Structure:
+    return replace(structure, groups=widths_of(keep))
+
+
+def assess(ctx: SearchContext, keep: dict[str, list[int]], model: nn.Module, req: Requirement, kind: str,
+           calib: torch.Tensor | None) -> dict:
+    """Measure one network: cost, FLOPs, params, ms, val top-1 (fp32 and at the deployment precision), U, 1_r."""
+    widths = widths_of(keep)
+    top1_fp32 = evaluate(model, ctx.data.val)
+    top1 = top1_fp32 if ctx.precision == "fp32" else evaluate_at_precision(model, ctx.data.val, ctx.precision, calib)
+    rec = {"widths": widths, "cost": ctx.cost(widths), "level": req.level, "flops": ctx.flops(widths),
+           "params": int(ctx.params(widths)), "ms": None if ctx.latency is None else ctx.latency(widths),
+           "top1_fp32": round(top1_fp32, 3), "top1": round(top1, 3), "precision": ctx.precision}
+    rec["utility"] = round(utility(rec, kind), 4)
+    rec["violations"] = indicator(rec, req, ctx.structure)
+    rec["feasible"] = not rec["violations"]
+    return rec
+
+
+def select(records: list[dict], elite: float) -> tuple[int, list[int], bool]:
+    """(best, elite indices, whether 1_r held for any): best U among acceptable samples.
+
+    When no sample meets every requirement, the ones meeting the hard ones (budget, multiple) stand in and the
+    cycle is recorded as missing the accuracy requirement. None meeting the hard ones is a BudgetError.
+    """
+    pool = [i for i, r in enumerate(records) if r["feasible"]]
+    met = bool(pool)
+    if not pool:
+        pool = [i for i, r in enumerate(records) if not set(HARD) & set(r["violations"])]
+    if not pool:
+        r = records[0]
+        raise BudgetError(f"gensynth: no synthesized network lands within the tolerance of {r['level']:.4g} "
+                          f"(closest {min(x['cost'] for x in records):.4g}) with widths in multiples of the channel "
+                          "multiple")
+    ranked = sorted(pool, key=lambda i: -records[i]["utility"])
+    return ranked[0], ranked[:max(1, math.ceil(elite * len(ranked)))], met
+
+
+def _probes(ctx: SearchContext, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = ctx.data.train.tensors
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(ctx.seed + 911))
+    b = ctx.finetune.batch_size
+    return [(x[idx], y[idx]) for idx in (order[i * b:(i + 1) * b] for i in range(count)) if len(idx)]
+
+
+def _steps(ctx: SearchContext, opts: dict) -> int:
+    if opts["steps"]:
+        return opts["steps"]
+    per_epoch = max(1, len(ctx.data.train.tensors[1]) // ctx.finetune.batch_size)
+    return max(1, round(ctx.search_epochs * per_epoch / (opts["cycles"] * opts["samples"])))
+
+
+def _finetune(ctx: SearchContext, model: nn.Module, steps: int, seed: int, desc: str) -> None:
+    x, y = ctx.data.train.tensors
+    n = min(len(y), steps * ctx.finetune.batch_size)
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+    cfg = replace(ctx.finetune, epochs=1, seed=seed, progress=False)
+    train(model, TensorDataset(x[idx], y[idx]), cfg, desc=desc,
+          teacher=ctx.baseline if cfg.distill_alpha > 0 else None)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Re-estimate BatchNorm running statistics (plain average over `batches`) after channels were removed.
+
+    A few fine-tune steps cannot move the stale statistics far enough (momentum 0.1), and a candidate judged on
+    them looks far worse than it is.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in bns]
+    device = next(model.parameters()).device
+    was = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for x, _ in batches:
+            model(x.to(device))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was)
+
+
+def _config(ctx: SearchContext, opts: dict) -> dict:
+    return {**opts, "budget": ctx.budget.to_dict(), "target_cost": ctx.target_cost, "seed": ctx.seed,
+            "channel_multiple": ctx.channel_multiple, "precision": ctx.precision, "groups": ctx.structure.groups}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _save(ctx: SearchContext, config: dict, history: list[dict], gen: Generator) -> None:
+    """After each cycle: history (JSON, for people) and G's state (for resuming at the next cycle)."""
+    if ctx.run_dir is None:
+        return
+    path = ctx.state_path("gensynth.pt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"cycles_done": len(history), "logits": gen.logits, "keep": gen.keep,
+                "model": gen.model.state_dict()}, tmp)
+    os.replace(tmp, path)
+    _write_json(ctx.state_path("gensynth.json"), {"config": config, "cycles": history})
+
+
+def _resume(ctx: SearchContext, config: dict, temperature: float) -> tuple[list[dict], Generator] | None:
+    if ctx.run_dir is None or not ctx.state_path("gensynth.pt").is_file():
+        return None
+    path = ctx.state_path("gensynth.json")
+    try:
+        saved = json.loads(path.read_text())
+        history = saved["cycles"]
+        old = saved["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path}: missing or unreadable; delete {path.parent} to restart the search") from None
+    changed = [k for k in config if json.loads(json.dumps(config[k])) != old.get(k)]
+    if changed:
+        raise ConfigError(f"{path}: written with a different {changed[0]} ({old.get(changed[0])!r}); use a new run "
+                          "directory")
+    state = load_checkpoint(ctx.state_path("gensynth.pt"))
+    if state["cycles_done"] != len(history):
+        raise ConfigError(f"{path}: does not match gensynth.pt next to it; delete {path.parent} to restart")
+    keep = {g: [int(i) for i in v] for g, v in state["keep"].items()}
+    model = slim(ctx.baseline, ctx.structure, keep)
+    model.load_state_dict(state["model"])
+    return history, Generator(dict(state["logits"]), keep, model, temperature)
+
+
+@register_method("gensynth")
+def gensynth(ctx: SearchContext) -> Proposal:
+    """Cycles of synthesize -> short fine-tune -> assess (U, 1_r) -> inquire -> update G; then a final fine-tune."""
+    opts = options(ctx)
+    config = _config(ctx, opts)
+    levels = schedule(ctx.baseline_cost, ctx.target_cost, opts["cycles"])
+    base_val = evaluate(ctx.baseline, ctx.data.val)
+    req = Requirement(levels[-1], ctx.budget.tolerance, ctx.channel_multiple, base_val - opts["accuracy_tolerance"],
+                      ctx.precision)
+    calib = calibration_inputs(ctx.data.train, opts["calib"]) if ctx.precision == "int8" else None
+    inq = Inquisitor(_probes(ctx, opts["probe_batches"]), opts["probe"], opts["step"], opts["elite"])
+    steps = _steps(ctx, opts)
+    resumed = _resume(ctx, config, opts["temperature"])
+    if resumed is None:  # G_0 from the prototype: the inquisitor's insights on the baseline itself
+        keep = {g: list(range(w)) for g, w in ctx.structure.groups.items()}
+        model = slim(ctx.baseline, ctx.structure, keep)
+        ins = insights(contributions(inq, model, ctx.structure), keep, _marginal(ctx, ctx.structure.groups))
+        logits = {g: torch.tensor([ins[g][c] for c in range(w)], dtype=torch.float64)
+                  for g, w in ctx.structure.groups.items()}
+        history, gen = [], Generator(logits, keep, model, opts["temperature"])
+    else:
+        history, gen = resumed
+        ctx.log(f"gensynth: resuming after cycle {len(history)}/{opts['cycles']}")
+    for k in range(len(history), opts["cycles"]):
+        ctx.log(f"gensynth: cycle {k + 1}/{opts['cycles']}: {opts['samples']} samples at cost {levels[k]:.4g} "
+                f"({levels[k] / ctx.baseline_cost:.3f}x), {steps} fine-tune steps each")
+        cycle_req = replace(req, level=levels[k])
+        records, nets, found = [], [], []
+        for s in range(opts["samples"]):
+            seed = ctx.seed * 1_000_003 + k * 1009 + s
+            keep, model = synthesize(gen, ctx.structure, ctx.cost, levels[k], ctx.budget.tolerance,
+                                     ctx.channel_multiple, seed, noise=s > 0)
+            _finetune(ctx, model, steps, ctx.seed * 1009 + k, f"gensynth cycle {k + 1} sample {s + 1}")
+            recalibrate_bn(model, inq.probes)
+            rec = assess(ctx, keep, model, cycle_req, opts["utility"], calib)
+            rec.update(cycle=k + 1, sample=s, seed=seed)
+            records.append(rec)
+            nets.append((keep, model))
+            found.append(insights(contributions(inq, model, _at(ctx.structure, keep)), keep,
+                                  _marginal(ctx, widths_of(keep))))
+        best, elite, met = select(records, inq.elite)
+        logits = update(gen, [found[i] for i in elite], inq.step)
+        gen = Generator(logits, nets[best][0], nets[best][1], gen.temperature)
+        history.append({"cycle": k + 1, "level": levels[k], "best": best, "elite": elite, "requirements_met": met,
+                        "samples": records})
+        r = records[best]
+        ctx.log(f"gensynth: cycle {k + 1}: best U {r['utility']:.2f}, top-1 {r['top1']:.2f}% ({ctx.precision}), "
+                f"{sum(x['feasible'] for x in records)}/{len(records)} meet 1_r")
+        _save(ctx, config, history, gen)
+    return _finish(ctx, gen, history, req, opts, calib)
+
+
+def _finish(ctx: SearchContext, gen: Generator, history: list[dict], req: Requirement, opts: dict,
+            calib: torch.Tensor | None) -> Proposal:
+    """Final fine-tune of G's last network (the common schedule), then 1_r once more on the trained network."""
+    train(gen.model, ctx.data.train, ctx.finetune, val_set=ctx.data.val, checkpoint=ctx.state_path("gensynth-final.pt"),
+          teacher=ctx.baseline if ctx.finetune.distill_alpha > 0 else None, desc="gensynth final fine-tune")
+    gen.model.eval()
+    final = assess(ctx, gen.keep, gen.model, req, opts["utility"], calib)
+    relaxed = [v for v in final["violations"] if v not in HARD]
+    entry = {"final": final, "relaxed": relaxed}
+    if relaxed:
+        msg = (f"no network meets the accuracy requirement at {ctx.precision}: best {final['top1']:.2f}% val top-1 vs "
+               f"required {req.min_top1:.2f}% (baseline - {opts['accuracy_tolerance']:g})")
+        if opts["strict"]:
+            raise BudgetError(f"gensynth: {msg}; raise --set accuracy_tolerance or the budget")
+        ctx.log(f"gensynth: WARNING: {msg}; returning the best network within the budget (accuracy relaxed)")
+    if ctx.run_dir is not None:
+        _write_json(ctx.state_path("gensynth.json"), {"config": _config(ctx, opts), "cycles": history, **entry})
+    return Proposal(keep=gen.keep, source=ctx.baseline, history=[*history, entry], finetuned=True,
+                    compact=gen.model)

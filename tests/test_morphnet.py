@@ -1,0 +1,173 @@
+"""MorphNet: the resource regularizer against MorphNet's per-layer formula by hand, shrink, expand to the budget,
+and FLOP- vs latency-weighted channel costs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from edgecompact.budget import parse_budget
+from edgecompact.methods import run_method
+from edgecompact.methods.morphnet import (
+    alive_widths,
+    flop_weights,
+    group_gammas,
+    latency_weights,
+    regularizer_value,
+    resource_weights,
+    schedule_lambda,
+    shrink,
+)
+from edgecompact.structure import analyze, channel_masks
+
+torch.set_num_threads(1)
+
+
+class ResidualNet(nn.Module):
+    """Three convs, the third added back to the first (one coupled group), then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(4)
+        self.conv1 = nn.Conv2d(4, 3, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 4, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn0(self.conv0(x)))
+        b = torch.relu(self.bn1(self.conv1(a)))
+        return self.fc(torch.relu(self.bn2(self.conv2(b)) + a).mean((2, 3)))
+
+
+def test_flop_regularizer_equals_morphnet_formula_by_hand_on_a_residual_net() -> None:
+    model = ResidualNet()
+    with torch.no_grad():
+        model.bn0.weight.copy_(torch.tensor([1.0, 1e-4, 0.3, -0.2]))
+        model.bn1.weight.copy_(torch.tensor([0.8, 1e-4, -0.5]))
+        model.bn2.weight.copy_(torch.tensor([0.1, -1e-4, 0.6, -1.2]))
+    structure = analyze(model, (2, 6, 6), "tiny")
+    assert sorted(structure.groups.values()) == [3, 4]
+
+    # MorphNet by hand: residual group gamma = max of |bn0|, |bn2| (alive if any member is); alive = |gamma| above
+    # 1e-2 x the largest |gamma| (1.2); G_L = C_L * (A_in * sum|g_out| + A_out * sum|g_in|), C_L = 2*H*W*kh*kw.
+    g_res = torch.maximum(model.bn0.weight.abs(), model.bn2.weight.abs()).detach()
+    g_mid = model.bn1.weight.abs().detach()
+    a_res, a_mid = int((g_res > 0.012).sum()), int((g_mid > 0.012).sum())
+    assert (a_res, a_mid) == (3, 2)
+    r_res, r_mid = float(g_res.sum()), float(g_mid.sum())
+    c3, c1 = 2 * 36 * 9, 2 * 36 * 1
+    by_hand = (c3 * (2 * r_res + a_res * 0.0)  # conv0: image (2 fixed channels, no gamma) -> residual group
+               + c3 * (a_res * r_mid + a_mid * r_res)  # conv1: residual -> middle
+               + c1 * (a_mid * r_res + a_res * r_mid)  # conv2: middle -> residual
+               + 2 * (a_res * 0.0 + 5 * r_res))  # fc: residual -> 5 fixed logits
+
+    gammas, kinds = group_gammas(model, structure)
+    alive = alive_widths(gammas, kinds, 1e-2)
+    value = regularizer_value(gammas, flop_weights(structure, alive))
+    assert value.item() == pytest.approx(by_hand, rel=1e-6)
+
+    value.backward()  # the max grouping: only the larger member of each residual channel gets the gradient
+    w_res = c3 * 2 + c3 * a_mid + c1 * a_mid + 2 * 5
+    assert model.bn0.weight.grad[0] == pytest.approx(w_res) and model.bn2.weight.grad[0] == 0
+    assert model.bn2.weight.grad[3] == pytest.approx(-w_res) and model.bn0.weight.grad[3] == 0
+
+
+def test_group_without_batchnorm_uses_filter_rms() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    structure = analyze(model, (1, 6, 6), "nobn")
+    gammas, kinds = group_gammas(model, structure)
+    (g, v), = gammas.items()
+    assert kinds[g] == "filter"
+    w = model[0].weight.detach()
+    assert torch.allclose(v, w.pow(2).mean((1, 2, 3)).sqrt())
+
+
+def test_flop_weights_are_the_exact_flops_of_one_more_channel(make_context) -> None:
+    ctx = make_context()
+    widths = {g: max(2, w // 2 + i) for i, (g, w) in enumerate(ctx.structure.groups.items())}
+    weights = flop_weights(ctx.structure, widths)
+    for g, w in widths.items():  # MorphNet's bilinear cost is linear in each group's alive count
+        assert weights[g] == pytest.approx(ctx.flops(widths) - ctx.flops(dict(widths, **{g: w - 1})))
+
+
+def test_shrink_lowers_the_resource_regularizer_most_where_channels_cost_most(make_context) -> None:
+    ctx = make_context()
+    model = copy.deepcopy(ctx.baseline)
+    weight_fn = resource_weights(ctx, "flops")
+    gammas, kinds = group_gammas(model, ctx.structure)
+    before = {g: v.detach().sum().item() for g, v in gammas.items()}
+    weights = weight_fn(alive_widths(gammas, kinds, 1e-2))
+    g_before = float(regularizer_value(gammas, weights))
+    lam = schedule_lambda(ctx, g_before, gammas, epochs=1)
+    full = {g: list(range(w)) for g, w in ctx.structure.groups.items()}
+    shrink(model, ctx, weight_fn, channel_masks(ctx.structure, full), lam, epochs=1, threshold=1e-2)
+    gammas, _ = group_gammas(model, ctx.structure)
+    assert float(regularizer_value(gammas, weights)) < 0.9 * g_before
+    ratio = {g: v.detach().sum().item() / before[g] for g, v in gammas.items()}
+    dearest, cheapest = max(weights, key=weights.get), min(weights, key=weights.get)
+    assert ratio[dearest] < ratio[cheapest]
+
+
+def _flops_of(model: nn.Module, shape: tuple[int, ...]) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, *shape))
+    return counter.get_total_flops()
+
+
+@pytest.mark.slow
+def test_morphnet_lands_on_a_flops_budget_within_two_percent(make_context) -> None:
+    ctx = make_context("0.33x", options={"iterations": 2})
+    res = run_method("morphnet", ctx)
+    measured = _flops_of(res.model.eval(), ctx.structure.input_shape)  # torch's counter, not ours
+    assert abs(measured / ctx.target_cost - 1) <= 0.02
+    assert abs(measured / _flops_of(ctx.baseline, ctx.structure.input_shape) - 0.33) <= 0.33 * 0.02
+    rules = [h["lambda_rule"] for h in res.history[1:]]
+    assert rules == ["schedule", "controller"] and all(h["lambda"] > 0 for h in res.history[1:])
+    assert res.metrics["top1"] > 20  # a working network (chance is 10 %); accuracy is the benchmark's business
+
+
+def _late_layers_expensive(structure):
+    """A synthetic latency: each layer's MACs divided by its output area squared (small late maps are slow)."""
+    def latency(widths: dict[str, int]) -> float:
+        total = 0.0
+        for layer, c_in, c_out in structure.channels(widths):
+            if layer.op != "batchnorm":
+                area = layer.out_hw[0] * layer.out_hw[1]
+                total += c_in * c_out * layer.kernel[0] * layer.kernel[1] / area
+        return total
+    return latency
+
+
+def test_latency_and_flop_weights_rank_groups_oppositely_when_the_table_says_so(make_context) -> None:
+    ctx = make_context()
+    structure = ctx.structure
+    widths = structure.baseline_widths()
+    latency = _late_layers_expensive(structure)
+    lat_w = latency_weights(latency, structure)(widths)
+    for g, w in widths.items():  # the marginal latency of one channel, computed here on its own
+        assert lat_w[g] == pytest.approx(latency(widths) - latency(dict(widths, **{g: w - 1})))
+    flop_w = flop_weights(structure, widths)
+    early = next(g for g in structure.groups if g.startswith("layer1."))
+    late = next(g for g in structure.groups if g.startswith("layer3.") and g != "layer3.0.conv2")
+    assert flop_w[early] > flop_w[late] and lat_w[early] < lat_w[late]
+    groups = list(structure.groups)
+    by_flops = sorted(groups, key=flop_w.get)
+    by_latency = sorted(groups, key=lat_w.get)
+    assert by_flops != by_latency
+
+
+@pytest.mark.slow
+def test_morphnet_latency_lands_on_a_latency_budget(make_context) -> None:
+    from edgecompact.targets import get_target
+
+    ctx = make_context(parse_budget("0.5x", metric="latency"), target=get_target("host"))
+    res = run_method("morphnet-latency", ctx)
+    assert abs(ctx.latency(res.arch.widths) / ctx.target_cost - 1) <= ctx.budget.tolerance
+    assert res.history[0]["resource"].startswith("latency")
