@@ -148,6 +148,76 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_for_export(args: argparse.Namespace):
+    """(model, input_shape, data or None, out dir) from a run directory or a model spec."""
+    src = Path(args.source)
+    if src.is_dir():
+        from edgecompact.data import load_dataset
+        from edgecompact.pipeline import load_compact
+
+        model, spec, structure = load_compact(src)
+        data = load_dataset(spec.data, input_size=spec.input_size, limit=spec.limit, seed=spec.seed)
+        c, h, w = structure.input_shape
+        return model, (1, c, h, w), data, src / "deploy"
+    from edgecompact.models import load_model, model_defaults
+
+    size, classes = args.input_size, args.num_classes
+    if ":" not in args.source:
+        d = model_defaults(args.source)
+        size, classes = size or d.input_size, classes or d.num_classes
+    size, classes = size or 32, classes or 10
+    data = None
+    if args.data:
+        from edgecompact.data import load_dataset
+
+        data = load_dataset(args.data, input_size=size)
+        classes = data.num_classes
+    model = load_model(args.source, num_classes=classes, in_channels=args.in_channels, input_size=size)
+    if args.weights:
+        from edgecompact.train import load_checkpoint
+
+        state = load_checkpoint(Path(args.weights))
+        try:
+            model.load_state_dict(state.get("model", state))
+        except (RuntimeError, AttributeError) as e:
+            raise ConfigError(f"--weights {args.weights}: does not fit {args.source} "
+                              f"({str(e).splitlines()[0][:150]})") from None
+    return model.eval(), (1, args.in_channels, size, size), data, Path("artifacts") / args.source.split(":")[-1]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from edgecompact.deploy.artifact import export_artifact
+    from edgecompact.targets import get_target
+
+    target = get_target(args.target)
+    model, shape, data, default_out = _model_for_export(args)
+    precision = args.precision or target.precision
+    calib = eval_data = None
+    if data is not None:
+        test = data.test if data.test is not None else data.val
+        eval_data = (test.tensors[0][:args.eval_samples].numpy(), test.tensors[1][:args.eval_samples].numpy())
+        calib = data.train.tensors[0][:args.calib_samples].numpy()
+    elif precision == "int8":
+        raise ConfigError("--precision int8 needs calibration data: export a run directory or give --data")
+    out = Path(args.out) if args.out else default_out / target.name
+    manifest = export_artifact(model, shape, target, out, precision=precision, tune_trials=args.tune_trials,
+                               db_dir=Path(args.tuning_db) if args.tuning_db else None, calib=calib,
+                               eval_data=eval_data, threads=args.threads, runs=args.runs,
+                               overwrite=args.overwrite)
+    print(Path(manifest).read_text())
+    print(f"artifact: {out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edgecompact.deploy.bench import bench_artifacts
+
+    doc = bench_artifacts([Path(p) for p in args.artifacts], runs=args.runs, threads=args.threads,
+                          rpc_tracker=args.rpc, rpc_key=args.key)
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
 def _log(msg: str) -> None:
     print(f"[edgecompact] {msg}", file=sys.stderr, flush=True)
 
@@ -206,6 +276,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "models (0: untuned TVM)")
     p.add_argument("--no-deploy", action="store_true")
     p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("export", help="ONNX + TVM artifact for a target, verified and timed")
+    p.add_argument("source", help="a run directory, or a model (zoo name or file.py:factory)")
+    p.add_argument("--target", default="host")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None, help="default: the target's")
+    p.add_argument("--data", default=None, help="dataset for accuracy and int8 calibration (model sources)")
+    p.add_argument("--weights", default=None, help="checkpoint for a model source (loaded weights_only)")
+    _model_args(p)
+    p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per task (0: untuned)")
+    p.add_argument("--tuning-db", default=None)
+    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--eval-samples", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--out", default=None, help="default: RUN_DIR/deploy/<target> or artifacts/<model>/<target>")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("bench", help="time artifacts: torch, onnxruntime, TVM (local or over RPC)")
+    p.add_argument("artifacts", nargs="+")
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rpc", default=None, help="tracker HOST:PORT for a remote board")
+    p.add_argument("--key", default=None)
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole pipeline on digits: every method at 1/3 FLOPs, deployed, reported")
     p.add_argument("--out", default="runs/demo")

@@ -21,14 +21,16 @@ from edgecompact.train import evaluate
 
 def test_int8_fake_quantization_matches_onnxruntime_static_qdq_model(tmp_path, digits16, trained_resnet20):
     """The independent check: the model the deploy stage ships (export, simplify, quantize_static QDQ)."""
-    from edgecompact.deploy.onnx import export_onnx, quantize_int8 as ort_quantize_int8, run_onnx
+    from edgecompact.deploy.onnx import INPUT_NAME, export_onnx, session
+    from edgecompact.deploy.onnx import quantize_int8 as ort_quantize_int8
 
     model = trained_resnet20
     calib = calibration_inputs(digits16.train)
     x, y = digits16.test.tensors
     export_onnx(model, (1, *x.shape[1:]), tmp_path / "fp32.onnx")
     ort_quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", calib.numpy())
-    ort_logits = np.concatenate([run_onnx(tmp_path / "int8.onnx", x[i:i + 1].numpy()) for i in range(len(x))])
+    sess = session(tmp_path / "int8.onnx")
+    ort_logits = np.concatenate([sess.run(None, {INPUT_NAME: x[i:i + 1].numpy()})[0] for i in range(len(x))])
     with torch.no_grad():
         ours = quantize_int8(model, calib)(x).numpy()
         fp32 = model(x).numpy()
