@@ -48,7 +48,7 @@ def test_kl_approximation_decreases_to_zero_as_log_alpha_grows() -> None:
 def test_local_reparameterization_matches_sampling_the_weights() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, 3, padding=1, bias=True)
-    vd = VDConv2d(conv, log_sigma2=-3.0).train()
+    vd = VDConv2d(conv, log_alpha=-1.0).train()
     x = torch.randn(1, 2, 4, 4)
     n = 3000
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_local_reparameterization_matches_sampling_the_weights() -> None:
 
 def test_plain_copy_computes_what_the_vd_net_computes_in_eval(trained_resnet20) -> None:
     torch.manual_seed(0)
-    vd = to_variational(trained_resnet20, log_sigma2=-10.0, sigma_scale=5.0)
+    vd = to_variational(trained_resnet20, log_alpha=-4.0, sigma_scale=5.0)
     with torch.no_grad():
         for m in vd.modules():
             if isinstance(m, VDConv2d):

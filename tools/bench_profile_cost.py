@@ -89,7 +89,7 @@ def main() -> None:
             "tvm": tvm.__version__,
         },
         "protocol": f"{args.model} search space (each group 1/8..full width), {args.target}, "
-        f"untuned={args.tune_trials == 0}, median of 5 repeats per grid point",
+        f"untuned={args.tune_trials == 0}, per grid point: {table.provenance['statistic']}",
         "results": [record],
     }
     bench = ROOT / "benchmarks"

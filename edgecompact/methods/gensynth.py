@@ -287,6 +287,16 @@ def update(gen: Generator, elite: list[dict], step: float) -> dict[str, torch.Te
     return new
 
 
+def initial_generator(ctx: SearchContext, inq: Inquisitor, temperature: float) -> Generator:
+    """G_0 from the prototype (the baseline): its weights, and logits from the inquisitor's insights on it."""
+    keep = {g: list(range(w)) for g, w in ctx.structure.groups.items()}
+    model = slim(ctx.baseline, ctx.structure, keep)
+    ins = insights(contributions(inq, model, ctx.structure), keep, _marginal(ctx, ctx.structure.groups))
+    logits = {g: torch.tensor([ins[g][c] for c in range(w)], dtype=torch.float64)
+              for g, w in ctx.structure.groups.items()}
+    return Generator(logits, keep, model, temperature)
+
+
 # ---- the cycles ------------------------------------------------------------------------------------------------
 
 def schedule(baseline_cost: float, target: float, cycles: int) -> list[float]:
@@ -336,7 +346,8 @@ def select(records: list[dict], elite: float) -> tuple[int, list[int], bool]:
     return ranked[0], ranked[:max(1, math.ceil(elite * len(ranked)))], met
 
 
-def _probes(ctx: SearchContext, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def stimuli(ctx: SearchContext, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """I's stimuli: `count` fixed training batches (the same for every network, so reactions compare)."""
     x, y = ctx.data.train.tensors
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(ctx.seed + 911))
     b = ctx.finetune.batch_size
@@ -384,8 +395,10 @@ def recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
 
 
 def _config(ctx: SearchContext, opts: dict) -> dict:
-    return {**opts, "budget": ctx.budget.to_dict(), "target_cost": ctx.target_cost, "seed": ctx.seed,
-            "channel_multiple": ctx.channel_multiple, "precision": ctx.precision, "groups": ctx.structure.groups}
+    """What a resumed search must share with the one that wrote the state (`strict` only judges the end)."""
+    return {**{k: v for k, v in opts.items() if k != "strict"}, "budget": ctx.budget.to_dict(),
+            "target_cost": ctx.target_cost, "seed": ctx.seed, "channel_multiple": ctx.channel_multiple,
+            "precision": ctx.precision, "groups": ctx.structure.groups}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -441,16 +454,11 @@ def gensynth(ctx: SearchContext) -> Proposal:
     req = Requirement(levels[-1], ctx.budget.tolerance, ctx.channel_multiple, base_val - opts["accuracy_tolerance"],
                       ctx.precision)
     calib = calibration_inputs(ctx.data.train, opts["calib"]) if ctx.precision == "int8" else None
-    inq = Inquisitor(_probes(ctx, opts["probe_batches"]), opts["probe"], opts["step"], opts["elite"])
+    inq = Inquisitor(stimuli(ctx, opts["probe_batches"]), opts["probe"], opts["step"], opts["elite"])
     steps = _steps(ctx, opts)
     resumed = _resume(ctx, config, opts["temperature"])
-    if resumed is None:  # G_0 from the prototype: the inquisitor's insights on the baseline itself
-        keep = {g: list(range(w)) for g, w in ctx.structure.groups.items()}
-        model = slim(ctx.baseline, ctx.structure, keep)
-        ins = insights(contributions(inq, model, ctx.structure), keep, _marginal(ctx, ctx.structure.groups))
-        logits = {g: torch.tensor([ins[g][c] for c in range(w)], dtype=torch.float64)
-                  for g, w in ctx.structure.groups.items()}
-        history, gen = [], Generator(logits, keep, model, opts["temperature"])
+    if resumed is None:
+        history, gen = [], initial_generator(ctx, inq, opts["temperature"])
     else:
         history, gen = resumed
         ctx.log(f"gensynth: resuming after cycle {len(history)}/{opts['cycles']}")
@@ -458,7 +466,7 @@ def gensynth(ctx: SearchContext) -> Proposal:
         ctx.log(f"gensynth: cycle {k + 1}/{opts['cycles']}: {opts['samples']} samples at cost {levels[k]:.4g} "
                 f"({levels[k] / ctx.baseline_cost:.3f}x), {steps} fine-tune steps each")
         cycle_req = replace(req, level=levels[k])
-        records, nets, found = [], [], []
+        records, nets = [], []
         for s in range(opts["samples"]):
             seed = ctx.seed * 1_000_003 + k * 1009 + s
             keep, model = synthesize(gen, ctx.structure, ctx.cost, levels[k], ctx.budget.tolerance,
@@ -469,10 +477,10 @@ def gensynth(ctx: SearchContext) -> Proposal:
             rec.update(cycle=k + 1, sample=s, seed=seed)
             records.append(rec)
             nets.append((keep, model))
-            found.append(insights(contributions(inq, model, _at(ctx.structure, keep)), keep,
-                                  _marginal(ctx, widths_of(keep))))
         best, elite, met = select(records, inq.elite)
-        logits = update(gen, [found[i] for i in elite], inq.step)
+        found = [insights(contributions(inq, nets[i][1], _at(ctx.structure, nets[i][0])), nets[i][0],
+                          _marginal(ctx, widths_of(nets[i][0]))) for i in elite]  # only the elite's count
+        logits = update(gen, found, inq.step)
         gen = Generator(logits, nets[best][0], nets[best][1], gen.temperature)
         history.append({"cycle": k + 1, "level": levels[k], "best": best, "elite": elite, "requirements_met": met,
                         "samples": records})
@@ -486,7 +494,8 @@ def gensynth(ctx: SearchContext) -> Proposal:
 def _finish(ctx: SearchContext, gen: Generator, history: list[dict], req: Requirement, opts: dict,
             calib: torch.Tensor | None) -> Proposal:
     """Final fine-tune of G's last network (the common schedule), then 1_r once more on the trained network."""
-    train(gen.model, ctx.data.train, ctx.finetune, val_set=ctx.data.val, checkpoint=ctx.state_path("gensynth-final.pt"),
+    train(gen.model, ctx.data.train, ctx.finetune, val_set=ctx.data.val,
+          checkpoint=ctx.state_path("gensynth-final.pt"),
           teacher=ctx.baseline if ctx.finetune.distill_alpha > 0 else None, desc="gensynth final fine-tune")
     gen.model.eval()
     final = assess(ctx, gen.keep, gen.model, req, opts["utility"], calib)

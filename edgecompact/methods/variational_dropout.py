@@ -3,18 +3,22 @@
 Every conv and linear layer of a copy of the baseline becomes a VD layer: q(w) = N(theta, sigma^2), theta starting
 from the pretrained weight, a learned per-weight log sigma^2, log alpha = log sigma^2 - log theta^2 clipped to
 [-8, 8], the local reparameterization trick in training and theta masked where log alpha > 3 in eval. Loss:
-CE_mean + beta * KL / N, with Molchanov's approximation of the KL to the log-uniform prior.
+CE_mean + beta * KL / N, with Molchanov's approximation of the KL to the log-uniform prior. Must not slim or fit
+budgets itself: it returns channel scores to `fit_to_budget` and the VD-trained weights as the source.
 
-Initialization and warm-up (they matter, the paper says): log sigma^2 = -10 everywhere (their value for a
-pretrained net), so the initial log alpha is -10 - log theta^2: small weights start closer to being dropped.
-beta rises linearly from 0 to 1 over the first `warmup` (default 0.3) of the search steps, then stays at 1 (the
-paper: 0 for 5 epochs, 1 by epoch 20 of 200). Adam (no weight decay) at lr 1e-3 for a short CPU schedule; log
-sigma^2 moves `sigma_lr_mult` (default 30) times faster: it is stored divided by that factor, which for Adam is
-exactly a per-parameter learning-rate multiplier (without it log alpha cannot travel its range in a few epochs).
+Initialization and warm-up (they matter, the paper says): log sigma^2 = log_alpha + log(mean theta^2 of the
+layer), log_alpha = -4 (what the paper's -10 for a pretrained net gives a layer of weight RMS 0.05, but the same
+for every layer whatever its weight scale; small weights still start closer to being dropped). beta rises linearly
+from 0 to 1 over the first `warmup` (default 0.3) of the search steps, then stays at 1 (the paper: 0 for 5 epochs,
+1 by epoch 20 of 200). Adam, no weight decay, lr 1e-3; log sigma^2 moves `sigma_lr_mult` (default 30) times faster:
+it is stored divided by that factor, which for Adam is exactly a per-parameter learning-rate multiplier (without
+it log alpha cannot travel its range in a few epochs).
 
 Channels: a channel's dropped share is the fraction of its weights (writer rows and reader columns of every
-coupled conv/linear) with log alpha > 3; score = 1 - share (ties broken by mean log alpha), and `fit_to_budget`
-bisects the share threshold that lands on the budget. The source is theta, masked, loaded into a plain copy.
+coupled conv/linear) with log alpha > 3; score = 1 - share, ties broken by mean log alpha, and `fit_to_budget`
+bisects the threshold that lands on the budget. By default (score=mean) each group's scores are divided by their
+mean: VD drops far larger shares in the late, wide layers, and a global share threshold (score=share) cut whole
+stages to one channel on Fashion-MNIST. The source is theta, masked, loaded into a plain copy of the baseline.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ class _VDMixin:
     sigma_scale: float
     threshold: float
 
-    def _init_vd(self, layer: nn.Module, log_sigma2: float, sigma_scale: float, threshold: float) -> None:
+    def _init_vd(self, layer: nn.Module, log_alpha: float, sigma_scale: float, threshold: float) -> None:
         self.weight = nn.Parameter(layer.weight.detach().clone())
+        log_sigma2 = log_alpha + float(torch.log(self.weight.detach().pow(2).mean() + 1e-12))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
         self.sigma_scale = sigma_scale
         self.threshold = threshold
@@ -73,13 +78,13 @@ class _VDMixin:
 class VDConv2d(_VDMixin, nn.Module):
     """A Conv2d with sparse VD noise (local reparameterization); theta is `weight`."""
 
-    def __init__(self, conv: nn.Conv2d, log_sigma2: float = -10.0, sigma_scale: float = 1.0,
+    def __init__(self, conv: nn.Conv2d, log_alpha: float = -4.0, sigma_scale: float = 1.0,
                  threshold: float = 3.0) -> None:
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ConfigError(f"variational-dropout: padding_mode '{conv.padding_mode}' is not supported")
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self._init_vd(conv, log_sigma2, sigma_scale, threshold)
+        self._init_vd(conv, log_alpha, sigma_scale, threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, lambda t, w, b: F.conv2d(t, w, b, self.stride, self.padding, self.dilation,
@@ -89,10 +94,10 @@ class VDConv2d(_VDMixin, nn.Module):
 class VDLinear(_VDMixin, nn.Module):
     """A Linear layer with sparse VD noise (local reparameterization); theta is `weight`."""
 
-    def __init__(self, linear: nn.Linear, log_sigma2: float = -10.0, sigma_scale: float = 1.0,
+    def __init__(self, linear: nn.Linear, log_alpha: float = -4.0, sigma_scale: float = 1.0,
                  threshold: float = 3.0) -> None:
         super().__init__()
-        self._init_vd(linear, log_sigma2, sigma_scale, threshold)
+        self._init_vd(linear, log_alpha, sigma_scale, threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, F.linear)
@@ -101,15 +106,18 @@ class VDLinear(_VDMixin, nn.Module):
 VD_TYPES = (VDConv2d, VDLinear)
 
 
-def to_variational(model: nn.Module, log_sigma2: float = -10.0, sigma_scale: float = 1.0,
+def to_variational(model: nn.Module, log_alpha: float = -4.0, sigma_scale: float = 1.0,
                    threshold: float = 3.0) -> nn.Module:
-    """A copy of `model` whose Conv2d and Linear layers are VD layers (same names, theta = the weights)."""
+    """A copy of `model` whose Conv2d and Linear layers are VD layers (same names, theta = the weights).
+
+    Each layer's log sigma^2 starts at `log_alpha` + log(mean theta^2 of the layer).
+    """
     model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             parent, _, child = name.rpartition(".")
             vd = VDConv2d if isinstance(m, nn.Conv2d) else VDLinear
-            setattr(model.get_submodule(parent), child, vd(m, log_sigma2, sigma_scale, threshold))
+            setattr(model.get_submodule(parent), child, vd(m, log_alpha, sigma_scale, threshold))
     return model
 
 
@@ -128,8 +136,12 @@ def total_kl(vd_model: nn.Module) -> torch.Tensor:
     return sum(kl_approx(m.log_alpha()).sum() for m in vd_model.modules() if isinstance(m, VD_TYPES))
 
 
-def channel_scores(vd_model: nn.Module, structure: Structure) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """(score per channel = 1 - dropped share - tiny * mean log alpha, dropped share per group)."""
+def channel_scores(vd_model: nn.Module, structure: Structure,
+                   per_group_mean: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """(score per channel = 1 - dropped share - tiny * mean log alpha, dropped share per group).
+
+    `per_group_mean` divides each group's scores by their mean (only the ranking within a group then counts).
+    """
     mods = dict(vd_model.named_modules())
     dropped, logs, ones = {}, {}, {}
     with torch.no_grad():
@@ -146,6 +158,8 @@ def channel_scores(vd_model: nn.Module, structure: Structure) -> tuple[dict[str,
     # share moves in steps of 1/n >= 1/(a few thousand); the tie-break stays far below one step
     scores = {g: 1 - share[g] - 1e-6 * (mean_la[g] - LOG_ALPHA_MIN) / (LOG_ALPHA_MAX - LOG_ALPHA_MIN)
               for g in structure.groups}
+    if per_group_mean:
+        scores = {g: s / s.mean() for g, s in scores.items()}
     group_share = {g: round(float(share[g].mean()), 4) for g in structure.groups}
     return scores, group_share
 
@@ -187,21 +201,24 @@ def variational_dropout(ctx: SearchContext) -> Proposal:
     opts = ctx.options
     lr = float(opts.get("lr", 1e-3))
     warmup = float(opts.get("warmup", 0.3))
-    log_sigma2 = float(opts.get("log_sigma2", -10.0))
+    log_alpha = float(opts.get("log_alpha", -4.0))
     sigma_scale = float(opts.get("sigma_lr_mult", 30.0))
     threshold = float(opts.get("threshold", 3.0))
-    vd_model = to_variational(ctx.baseline, log_sigma2, sigma_scale, threshold)
-    ctx.log(f"variational-dropout: lr={lr:g} warmup={warmup:g} log_sigma2={log_sigma2:g} "
+    vd_model = to_variational(ctx.baseline, log_alpha, sigma_scale, threshold)
+    ctx.log(f"variational-dropout: lr={lr:g} warmup={warmup:g} log_alpha={log_alpha:g} "
             f"sigma_lr_mult={sigma_scale:g} epochs={ctx.search_epochs}")
     sparsity0 = sparsity(vd_model)
     hist = vd_train(ctx, vd_model, lr, warmup, ctx.state_path("variational_dropout.pt"))
     vd_model.eval()
-    scores, group_share = channel_scores(vd_model, ctx.structure)
+    score_by = str(opts.get("score", "mean"))
+    if score_by not in ("share", "mean"):
+        raise ConfigError(f"--set score={score_by}: choose share or mean")
+    scores, group_share = channel_scores(vd_model, ctx.structure, score_by == "mean")
     keep = fit_to_budget(ctx.structure, scores, ctx.cost, ctx.target_cost, ctx.budget.tolerance,
                          ctx.channel_multiple)
     source = to_plain(vd_model, copy_baseline(ctx))
-    history = [{"lr": lr, "warmup": warmup, "log_sigma2_init": log_sigma2, "sigma_lr_mult": sigma_scale,
-                "threshold": threshold, "epochs": ctx.search_epochs, "train": hist["epochs"],
+    history = [{"lr": lr, "warmup": warmup, "log_alpha_init": log_alpha, "sigma_lr_mult": sigma_scale,
+                "threshold": threshold, "score": score_by, "epochs": ctx.search_epochs, "train": hist["epochs"],
                 "weight_sparsity_before": round(sparsity0, 4), "weight_sparsity": round(sparsity(vd_model), 4),
                 "dropped_share": group_share, "widths": {g: len(v) for g, v in keep.items()}}]
     return Proposal(keep=keep, source=source, history=history)
