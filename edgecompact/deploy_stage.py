@@ -20,12 +20,13 @@ EVAL_IMAGES = 500  # deployed-runtime accuracy is measured on this many test ima
 def _export(model: nn.Module, data: DataSplits, target: Target, out: Path, precision: str,
             tune_trials: int) -> Path:
     from edgecompact.deploy.artifact import export_artifact
+    from edgecompact.precision import calibration_inputs
 
     if (out / "manifest.json").is_file():
         return out
     test = data.test if data.test is not None else data.val
     x, y = test.tensors
-    calib = data.train.tensors[0][:256].numpy() if precision == "int8" else None
+    calib = calibration_inputs(data.train).numpy() if precision == "int8" else None
     export_artifact(model.eval(), (1, data.in_channels, data.input_size, data.input_size), target, out,
                     precision=precision, tune_trials=tune_trials, calib=calib,
                     eval_data=(x[:EVAL_IMAGES].numpy(), y[:EVAL_IMAGES].numpy()), overwrite=True)

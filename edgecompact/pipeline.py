@@ -55,6 +55,22 @@ def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *
     if isinstance(budget, str):
         budget = parse_budget(budget)
     structure = structure or analyze(baseline, (data.in_channels, data.input_size, data.input_size), model_name)
+    cost, flops, params, latency, target_cost, baseline_cost = _costs(structure, budget, target, profile,
+                                                                      channel_multiple)
+    finetune = finetune or TrainConfig()
+    if baseline_top1 is None:
+        test = data.test if data.test is not None else data.val
+        baseline_top1 = evaluate(baseline, test)
+    return SearchContext(
+        baseline=baseline, structure=structure, data=data, budget=budget, cost=cost, target_cost=target_cost,
+        baseline_cost=baseline_cost, flops=flops, params=params, finetune=replace(finetune, seed=seed),
+        search_epochs=search_epochs, channel_multiple=channel_multiple, precision=precision, latency=latency,
+        baseline_top1=baseline_top1, run_dir=run_dir, seed=seed, options=dict(options or {}), log=log,
+    )
+
+
+def _costs(structure: Structure, budget: Budget, target, profile: Path | None, channel_multiple: int):
+    """The cost functions of a search and its absolute target; BudgetError when the budget cannot be met."""
 
     def flops(widths: dict[str, int]) -> float:
         return float(arch_flops(structure, widths))
@@ -73,19 +89,9 @@ def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *
         if latency is None:
             raise ConfigError("--metric latency needs --target (a latency table or the target's roofline estimate)")
         cost = latency
-    base_widths = structure.baseline_widths()
-    baseline_cost = cost(base_widths)
+    baseline_cost = cost(structure.baseline_widths())
     target_cost = check_budget(budget, baseline_cost, cost(min_widths(structure, channel_multiple)))
-    finetune = finetune or TrainConfig()
-    if baseline_top1 is None:
-        test = data.test if data.test is not None else data.val
-        baseline_top1 = evaluate(baseline, test)
-    return SearchContext(
-        baseline=baseline, structure=structure, data=data, budget=budget, cost=cost, target_cost=target_cost,
-        baseline_cost=baseline_cost, flops=flops, params=params, finetune=replace(finetune, seed=seed),
-        search_epochs=search_epochs, channel_multiple=channel_multiple, precision=precision, latency=latency,
-        baseline_top1=baseline_top1, run_dir=run_dir, seed=seed, options=dict(options or {}), log=log,
-    )
+    return cost, flops, params, latency, target_cost, baseline_cost
 
 
 # ---- one search, end to end, in a run directory -------------------------------------------------------------
@@ -178,18 +184,19 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     get_method(spec.method)  # fail fast on an unknown method
     budget = parse_budget(spec.budget, spec.metric, spec.tolerance)
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, spec, force)
     data = load_dataset(spec.data, input_size=spec.input_size, limit=spec.limit, seed=spec.seed)
     model = load_baseline(spec, data)
+    multiple = spec.channel_multiple or target.channel_multiple
+    precision = spec.precision or target.precision
+    profile = Path(spec.profile) if spec.profile else None
+    structure = analyze(model, (data.in_channels, data.input_size, data.input_size), spec.model)
+    _costs(structure, budget, target, profile, multiple)  # an impossible budget fails before any training
+    prepare_run_dir(run_dir, spec, force)
     cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed)
     t0 = time.perf_counter()
     base_top1 = train_baseline(model, data, cfg, run_dir, log)
     base_wall = time.perf_counter() - t0
-    structure = analyze(model, (data.in_channels, data.input_size, data.input_size), spec.model)
     _write_atomic(run_dir / "structure.json", json.dumps(structure.to_dict()))
-    multiple = spec.channel_multiple or target.channel_multiple
-    precision = spec.precision or target.precision
-    profile = Path(spec.profile) if spec.profile else None
     ctx = build_context(model, data, budget, model_name=spec.model,
                         finetune=replace(cfg, epochs=spec.finetune_epochs), search_epochs=spec.search_epochs,
                         channel_multiple=multiple, precision=precision, target=target, profile=profile,

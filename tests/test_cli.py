@@ -39,6 +39,13 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None
     (["train", "--model", "resnet20", "--data", "cifar10:/no/such/dir", "--out", "/tmp/x"], ["/no/such/dir"]),
     (["train", "--model", "resnet20", "--data", "imagenet1k:/x", "--out", "/tmp/x"], ["imagenet1k"]),
     (["report", "/no/such/run"], ["/no/such/run"]),
+    (["search", "--model", "resnet20", "--method", "uniform", "--no-deploy", "--out", "/proc/edgecompact-run"],
+     ["--out", "/proc/edgecompact-run"]),
+    (["train", "--model", "resnet20", "--out", "/proc/edgecompact-train"], ["--out", "/proc/edgecompact-train"]),
+    (["search", "--model", "resnet20", "--method", "uniform", "--budget", "0.01x", "--channel-multiple", "16",
+      "--no-deploy", "--out", "/tmp/edgecompact-unreachable"], ["unreachable"]),
+    (["export", "/tmp", "--target", "host"], ["not a run directory"]),
+    (["flops", "resnet20", "--input-size", "2"], ["cannot take input"]),
 ])
 def test_user_mistakes_get_one_line_and_nonzero_exit(args, needles):
     assert_one_line_error(run_cli(*args), *needles)

@@ -155,16 +155,23 @@ def run_method(name: str, ctx: SearchContext) -> SearchResult:
 
 def measure(ctx: SearchContext, widths: dict[str, int], model: nn.Module) -> dict:
     """The paper's figures for one architecture: MFLOPs, params, top-1 (test split, else val), budget error."""
+    from edgecompact.precision import calibration_inputs, evaluate_at_precision
+
     test = ctx.data.test if ctx.data.test is not None else ctx.data.val
     achieved = ctx.cost(widths)
+    top1_fp32 = evaluate(model, test)
     out = {
         "mflops": round(ctx.flops(widths) / 1e6, 3),
         "params": int(ctx.params(widths)),
-        "top1": round(evaluate(model, test), 2),
+        "top1": round(top1_fp32 if ctx.precision == "fp32" else
+                      evaluate_at_precision(model, test, ctx.precision, calibration_inputs(ctx.data.train)), 2),
         "budget": {"metric": ctx.budget.metric, "target": _round(ctx.budget.metric, ctx.target_cost),
                    "achieved": _round(ctx.budget.metric, achieved),
                    "error_pct": round(100 * (achieved / ctx.target_cost - 1), 2)},
     }
+    if ctx.precision != "fp32":
+        out["precision"] = ctx.precision
+        out["top1_fp32"] = round(top1_fp32, 2)
     if ctx.latency is not None:
         out["latency_ms"] = {"predicted": round(ctx.latency(widths), 4)}
     return out
