@@ -239,9 +239,9 @@ def _profile_rpc(
                 except queue.Empty:
                     return
                 try:
-                    mod, args = layer_module(job[0], job[3], job[4])
                     lib = Path(tmp) / f"layer{threading.get_ident()}.so"
-                    with compile_lock:
+                    with compile_lock:  # Relax's BlockBuilder stack is process-wide: one builder at a time
+                        mod, args = layer_module(job[0], job[3], job[4])
                         ex = compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir)
                         export_library(ex, lib, target)
                 except Exception as e:  # noqa: BLE001 -- a compile failure ends the run, reported by the caller

@@ -58,7 +58,8 @@ def test_training_killed_after_an_epoch_resumes_from_its_checkpoint(tmp_path):
 def test_search_killed_during_finetuning_resumes_without_retraining_the_baseline(tmp_path):
     out = tmp_path / "run"
     args = ["search", "--model", "resnet20", "--data", "digits", "--input-size", "16", "--method", "uniform",
-            "--budget", "0.5x", "--epochs", "1", "--finetune-epochs", "3", "--batch-size", "64", "--no-deploy",
+            "--budget", "0.5x", "--epochs", "1", "--search-epochs", "0", "--finetune-epochs", "3", "--batch-size", "64",
+            "--no-deploy",
             "--out", str(out)]
     ft = out / "finetune.pt"
     proc = _start(*args)

@@ -65,6 +65,7 @@ class Proposal:
     from_scratch: bool = False  # re-initialize the slimmed model before fine-tuning (MorphNet's choice)
     finetuned: bool = False  # the method already trained the slimmed model (GenSynth's cycles): skip fine-tuning
     compact: nn.Module | None = None  # when finetuned: the trained compact model
+    extra_finetune_epochs: int = 0  # controls: fine-tune longer so every method gets the same total epochs
 
 
 @dataclass
@@ -144,7 +145,8 @@ def run_method(name: str, ctx: SearchContext) -> SearchResult:
         if proposal.from_scratch:
             reinitialize(model, ctx.seed)
         ckpt = None if ctx.run_dir is None else Path(ctx.run_dir) / "finetune.pt"
-        train(model, ctx.data.train, ctx.finetune, val_set=ctx.data.val, checkpoint=ckpt,
+        cfg = replace(ctx.finetune, epochs=ctx.finetune.epochs + proposal.extra_finetune_epochs)
+        train(model, ctx.data.train, cfg, val_set=ctx.data.val, checkpoint=ckpt,
               teacher=ctx.baseline if ctx.finetune.distill_alpha > 0 else None, desc=f"{name} fine-tune")
     model.eval()
     metrics = measure(ctx, widths, model)

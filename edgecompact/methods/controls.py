@@ -2,6 +2,8 @@
 
 `uniform`: one width multiplier on every group, bisected to the budget, keeping each group's first channels
 (no importance criterion at all). `random`: the same widths, with the kept channels drawn at random.
+Both fine-tune for the search methods' search epochs plus their fine-tune epochs, so that every method and
+control gets the same number of training epochs after the baseline (a method's gain must not be extra training).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ def _uniform_widths(ctx: SearchContext) -> dict[str, int]:
 def uniform(ctx: SearchContext) -> Proposal:
     widths = _uniform_widths(ctx)
     keep = {g: list(range(w)) for g, w in widths.items()}
-    return Proposal(keep=keep, source=copy_baseline(ctx), history=[{"widths": widths}])
+    return Proposal(keep=keep, source=copy_baseline(ctx), history=[{"widths": widths}],
+                    extra_finetune_epochs=ctx.search_epochs)
 
 
 @register_method("random")
@@ -28,4 +31,5 @@ def random(ctx: SearchContext) -> Proposal:
     widths = _uniform_widths(ctx)
     gen = torch.Generator().manual_seed(ctx.seed)
     keep = {g: sorted(torch.randperm(ctx.structure.groups[g], generator=gen)[:w].tolist()) for g, w in widths.items()}
-    return Proposal(keep=keep, source=copy_baseline(ctx), history=[{"widths": widths}])
+    return Proposal(keep=keep, source=copy_baseline(ctx), history=[{"widths": widths}],
+                    extra_finetune_epochs=ctx.search_epochs)
