@@ -218,6 +218,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from edgecompact import profiling
+    from edgecompact.cost.latency import default_table_path
+    from edgecompact.deploy import tvm as etvm
+    from edgecompact.models import load_model, model_defaults
+    from edgecompact.rpc import parse_address
+    from edgecompact.structure import analyze
+    from edgecompact.targets import get_target
+
+    target = get_target(args.target)
+    size, classes = args.input_size, args.num_classes
+    if ":" not in args.model:
+        d = model_defaults(args.model)
+        size, classes = size or d.input_size, classes or d.num_classes
+    size, classes = size or 32, classes or 10
+    model = load_model(args.model, num_classes=classes, in_channels=args.in_channels, input_size=size)
+    structure = analyze(model, (args.in_channels, size, size), args.model)
+    out = Path(args.out) if args.out else default_table_path(target, args.model)
+    rpc = None
+    if args.rpc:
+        key = args.key or target.rpc_key
+        if not key:
+            raise ConfigError("--key: required with --rpc (the target has no rpc_key)")
+        rpc = (*parse_address(args.rpc), key)
+    etvm.set_num_threads(args.threads)
+    table = profiling.profile(structure, target, out, rpc=rpc, tune_trials=args.tune_trials)
+    ms = table.predict(structure, structure.baseline_widths())
+    print(f"{out}: {len(table.entries)} layer kinds; baseline {ms:.3f} ms predicted ({table.label})")
+    return 0
+
+
+def cmd_rpc_server(args: argparse.Namespace) -> int:
+    from edgecompact.rpc import parse_address, serve
+
+    tracker = parse_address(args.tracker, "--tracker") if args.tracker else None
+    serve(args.key, args.host, args.port, tracker=tracker, tracker_port=args.tracker_port)
+    return 0
+
+
 def _log(msg: str) -> None:
     print(f"[edgecompact] {msg}", file=sys.stderr, flush=True)
 
@@ -276,6 +315,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "models (0: untuned TVM)")
     p.add_argument("--no-deploy", action="store_true")
     p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("profile", help="measure a per-layer latency table for a target (resumable)")
+    p.add_argument("--target", default="host")
+    p.add_argument("--model", required=True)
+    _model_args(p)
+    p.add_argument("--rpc", default=None, help="tracker HOST:PORT: measure on the boards registered under --key")
+    p.add_argument("--key", default=None, help="RPC key (default: the target's rpc_key)")
+    p.add_argument("--out", default=None, help="default: profiles/<target>-<precision>-<model>.json")
+    p.add_argument("--tune-trials", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(fn=cmd_profile)
+
+    p = sub.add_parser("rpc-server", help="a TVM RPC server (and tracker) on 127.0.0.1 unless --host is given")
+    p.add_argument("--key", default="host")
+    p.add_argument("--host", default="127.0.0.1", help="TVM RPC has no authentication: bind to loopback or a "
+                   "trusted network only")
+    p.add_argument("--port", type=int, default=9090)
+    p.add_argument("--tracker", default=None, help="register with this tracker HOST:PORT (default: start one)")
+    p.add_argument("--tracker-port", type=int, default=9190)
+    p.set_defaults(fn=cmd_rpc_server)
 
     p = sub.add_parser("export", help="ONNX + TVM artifact for a target, verified and timed")
     p.add_argument("source", help="a run directory, or a model (zoo name or file.py:factory)")

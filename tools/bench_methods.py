@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
+from edgecompact.budget import parse_budget
 from edgecompact.data import load_dataset
 from edgecompact.errors import ConfigError, UserError
 from edgecompact.methods import list_methods, run_method
 from edgecompact.models import create_model
 from edgecompact.pipeline import build_context
 from edgecompact.report import bench_document, write_bench
+from edgecompact.targets import get_target
 from edgecompact.train import TrainConfig, evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,9 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--search-epochs", type=int, default=None, help="a method's search epochs (default: fine-tune)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--budget", default="0.33x", help="budget, e.g. 0.33x (the paper's 1/3 FLOPs), 48M")
+    p.add_argument("--metric", choices=["flops", "params", "latency"], default="flops")
+    p.add_argument("--profile", type=Path, default=None, help="latency table JSON for --target (default: the "
+                   "target's table for this model, else its labelled roofline estimate)")
     p.add_argument("--methods", nargs="+", default=None, help="registered method names (default: all)")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method option, e.g. group-lasso.strength=2 (repeatable)")
+    p.add_argument("--target", default="host", help="target whose latency table (or labelled roofline estimate) "
+                   "gives predicted ms; morphnet-latency uses it")
+    p.add_argument("--measure-runs", type=int, default=200,
+                   help="onnxruntime runs (batch 1, --threads threads) timing baseline and compact back to back; 0: off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--work-dir", type=Path, default=None,
@@ -69,7 +78,8 @@ def protocol(a: argparse.Namespace, search_epochs: int, options: dict) -> str:
     size = f"{a.input_size}x{a.input_size}" if a.input_size else "native size"
     text = (f"{a.model}, {a.dataset} at {size}, {a.limit or 'all'} train+val images, baseline {a.epochs} epochs "
             f"lr {a.lr:g}; search {search_epochs} + fine-tune {a.finetune_epochs} epochs (lr {a.finetune_lr:g}, "
-            f"batch {a.batch_size}); budget flops {a.budget}; seed {a.seed}")
+            f"batch {a.batch_size}; controls fine-tune search + fine-tune epochs); budget {a.metric} {a.budget}; "
+            f"target {a.target}; onnxruntime {a.threads} thread(s), median of {a.measure_runs}; seed {a.seed}")
     if options:
         text += "; options " + json.dumps(options, sort_keys=True)
     return text
@@ -117,15 +127,22 @@ def main(argv: list[str] | None = None) -> None:
           val_set=data.val, checkpoint=work / "baseline.pt", desc="baseline")
     baseline.eval()
     finetune = TrainConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, batch_size=a.batch_size, seed=a.seed)
-    ctx = build_context(baseline, data, a.budget, model_name=a.model, finetune=finetune, search_epochs=search_epochs,
-                        seed=a.seed, log=lambda s: print(s, flush=True))
+    target = get_target(a.target)
+    ctx = build_context(baseline, data, parse_budget(a.budget, a.metric), profile=a.profile, model_name=a.model, finetune=finetune, search_epochs=search_epochs,
+                        seed=a.seed, target=target, log=lambda s: print(s, flush=True))
+    shape = (1, data.in_channels, data.input_size, data.input_size)
     dataset = a.dataset.split(":")[0]
     if not any(r["name"] == "baseline" for r in results):
         test = data.test if data.test is not None else data.val
         widths = ctx.structure.baseline_widths()
-        results.append({"name": "baseline", "model": a.model, "dataset": dataset,
-                        "mflops": round(ctx.flops(widths) / 1e6, 3), "params": int(ctx.params(widths)),
-                        "top1": round(evaluate(baseline, test), 2), "wall_s": round(sum(e["seconds"] for e in hist["epochs"]), 1)})
+        rec = {"name": "baseline", "model": a.model, "dataset": dataset,
+               "mflops": round(ctx.flops(widths) / 1e6, 3), "params": int(ctx.params(widths)),
+               "top1": round(evaluate(baseline, test), 2),
+               "latency_ms": {"predicted": round(ctx.latency(widths), 4)},
+               "wall_s": round(sum(e["seconds"] for e in hist["epochs"]), 1)}
+        if a.measure_runs:
+            rec["latency_ms"][f"{target.name}-ort"] = round(_ort_ms(baseline, shape, work / "baseline.onnx", a), 4)
+        results.append(rec)
         save()
     for name in methods:
         if any(r["name"] == name for r in results):
@@ -139,12 +156,31 @@ def main(argv: list[str] | None = None) -> None:
             continue
         m = res.metrics
         rec = {"name": name, "model": a.model, "dataset": dataset, "mflops": m["mflops"], "params": m["params"],
-               "top1": m["top1"], "budget": m["budget"], "wall_s": m["wall_s"], "widths": res.arch.widths}
+               "top1": m["top1"], "budget": m["budget"], "latency_ms": m.get("latency_ms", {}),
+               "wall_s": m["wall_s"], "widths": res.arch.widths}
+        if a.measure_runs:  # baseline and compact timed back to back in this process: their ratio is the speedup
+            base_ms = _ort_ms(baseline, shape, work / "baseline.onnx", a)
+            comp_ms = _ort_ms(res.model, shape, work / name / "compact.onnx", a)
+            rec["latency_ms"][f"{target.name}-ort"] = round(comp_ms, 4)
+            rec["measured_speedup"] = {f"{target.name}-ort": round(base_ms / comp_ms, 3)}
         results.append(rec)
         save()
         print(f"{name}: {m['mflops']} MFLOPs, {m['params']} params, top-1 {m['top1']} %, "
               f"budget error {m['budget']['error_pct']} %, {m['wall_s']} s", flush=True)
     print(a.out.with_suffix(".md").read_text())
+
+
+def _ort_ms(model, shape, path: Path, a) -> float:
+    """Median onnxruntime ms (batch 1, a.threads intra-op threads) of `model`, exported and verified to `path`."""
+    import numpy as np
+
+    from edgecompact.deploy.bench import time_ort
+    from edgecompact.deploy.onnx import export_onnx
+
+    if not path.is_file():
+        export_onnx(model.eval(), shape, path)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return time_ort(path, x, runs=a.measure_runs, threads=a.threads)
 
 
 if __name__ == "__main__":
