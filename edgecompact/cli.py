@@ -19,6 +19,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, default=None, help="default: the model's paper setting")
 
 
+def _resolve_model(args: argparse.Namespace, spec: str):
+    """(model, size, classes) for a zoo name (defaults: its paper setting) or a user's file.py:factory."""
+    from edgecompact.models import load_model, model_defaults
+
+    size, classes = args.input_size, args.num_classes
+    if ":" not in spec:
+        d = model_defaults(spec)
+        size, classes = size or d.input_size, classes or d.num_classes
+    size, classes = size or 32, classes or 10
+    return load_model(spec, num_classes=classes, in_channels=args.in_channels, input_size=size), size, classes
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from edgecompact.cost.flops import module_flops, module_params
     from edgecompact.models import create_model, list_models, model_defaults
@@ -34,14 +46,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_flops(args: argparse.Namespace) -> int:
     from edgecompact.cost.flops import module_flops, module_params
-    from edgecompact.models import load_model, model_defaults
 
-    size, classes = args.input_size, args.num_classes
-    if ":" not in args.model:
-        d = model_defaults(args.model)
-        size, classes = size or d.input_size, classes or d.num_classes
-    size, classes = size or 32, classes or 10
-    m = load_model(args.model, num_classes=classes, in_channels=args.in_channels, input_size=size)
+    m, size, classes = _resolve_model(args, args.model)
     shape = (args.in_channels, size, size)
     out = {"model": args.model, "input_shape": list(shape), "num_classes": classes,
            "mflops": round(module_flops(m, shape) / 1e6, 3), "params": module_params(m)}
@@ -159,20 +165,13 @@ def _model_for_export(args: argparse.Namespace):
         data = load_dataset(spec.data, input_size=spec.input_size, limit=spec.limit, seed=spec.seed)
         c, h, w = structure.input_shape
         return model, (1, c, h, w), data, src / "deploy"
-    from edgecompact.models import load_model, model_defaults
-
-    size, classes = args.input_size, args.num_classes
-    if ":" not in args.source:
-        d = model_defaults(args.source)
-        size, classes = size or d.input_size, classes or d.num_classes
-    size, classes = size or 32, classes or 10
     data = None
     if args.data:
         from edgecompact.data import load_dataset
 
-        data = load_dataset(args.data, input_size=size)
-        classes = data.num_classes
-    model = load_model(args.source, num_classes=classes, in_channels=args.in_channels, input_size=size)
+        data = load_dataset(args.data, input_size=args.input_size)
+        args.num_classes, args.input_size = data.num_classes, data.input_size
+    model, size, _ = _resolve_model(args, args.source)
     if args.weights:
         from edgecompact.train import load_checkpoint
 
@@ -222,18 +221,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from edgecompact import profiling
     from edgecompact.cost.latency import default_table_path
     from edgecompact.deploy import tvm as etvm
-    from edgecompact.models import load_model, model_defaults
     from edgecompact.rpc import parse_address
     from edgecompact.structure import analyze
     from edgecompact.targets import get_target
 
     target = get_target(args.target)
-    size, classes = args.input_size, args.num_classes
-    if ":" not in args.model:
-        d = model_defaults(args.model)
-        size, classes = size or d.input_size, classes or d.num_classes
-    size, classes = size or 32, classes or 10
-    model = load_model(args.model, num_classes=classes, in_channels=args.in_channels, input_size=size)
+    model, size, _ = _resolve_model(args, args.model)
     structure = analyze(model, (args.in_channels, size, size), args.model)
     out = Path(args.out) if args.out else default_table_path(target, args.model)
     rpc = None

@@ -25,6 +25,7 @@ from tvm.relax.frontend.onnx import from_onnx
 from edgecompact import __version__, run
 from edgecompact.deploy import onnx as eonnx
 from edgecompact.deploy import tvm as etvm
+from edgecompact.deploy.bench import median_ms
 from edgecompact.errors import DeployError
 from edgecompact.targets import PRECISIONS, Target
 
@@ -37,17 +38,6 @@ def compile_onnx(path: Path, target: Target, *, tune_trials: int = 0, db_dir: Pa
     name, shape, _ = eonnx.input_spec(path)
     mod = from_onnx(eonnx.load_onnx(path), shape_dict={name: shape})
     return etvm.compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir)
-
-
-def _median_ms(fn: Any, runs: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
 
 
 def _top1(predict: Any, data: tuple[np.ndarray, np.ndarray]) -> float:
@@ -137,7 +127,7 @@ def export_artifact(model: nn.Module, input_shape: tuple[int, ...], target: Targ
         if eval_data is not None:
             accuracy[f"{precision}-tvm"] = _top1(lambda a: vm["main"](tvm.runtime.tensor(a)).numpy(), eval_data)
         latency = {"tvm": float(np.median(etvm.time_executable(ex, [x], number=1, repeat=runs))),
-                   "onnxruntime": _median_ms(lambda: ort_sess.run(None, {in_name: x}), runs)}
+                   "onnxruntime": median_ms(lambda: ort_sess.run(None, {in_name: x}), runs, warmup=5)}
         best = min(latency, key=latency.get)
         manifest["latency_ms"] = {k: round(v, 4) for k, v in latency.items()}
         manifest["best_runtime"] = best

@@ -27,7 +27,8 @@ from edgecompact.targets import Target
 MIN_RUNS = 50
 
 
-def _median(fn: Any, runs: int, warmup: int = 10) -> float:
+def median_ms(fn: Any, runs: int, warmup: int = 10) -> float:
+    """Median wall time in ms of `fn()` over `runs` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -43,13 +44,13 @@ def time_torch(model: nn.Module, x: np.ndarray, runs: int = MIN_RUNS) -> float:
     model = model.eval()
     xt = torch.from_numpy(x)
     with torch.no_grad():
-        return _median(lambda: model(xt), runs)
+        return median_ms(lambda: model(xt), runs)
 
 
 def time_ort(path: Path, x: np.ndarray, runs: int = MIN_RUNS, threads: int = 1) -> float:
     sess = eonnx.session(path, threads)
     name = sess.get_inputs()[0].name
-    return _median(lambda: sess.run(None, {name: x}), runs)
+    return median_ms(lambda: sess.run(None, {name: x}), runs)
 
 
 def time_tvm(lib: Path, x: np.ndarray, runs: int = MIN_RUNS, device: str = "cpu") -> float:
