@@ -213,11 +213,11 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
         res.arch.save(run_dir / "arch.json")
         torch.save({"model": res.model.state_dict()}, run_dir / "compact.pt")
         _write_atomic(run_dir / "history.json", json.dumps(res.history, indent=1, default=str))
-        result = res.metrics
+        result = dict(res.metrics, widths=res.arch.widths)
         _write_atomic(result_path, json.dumps(result, indent=1))
     base_widths = structure.baseline_widths()
     baseline_metrics = {"mflops": round(ctx.flops(base_widths) / 1e6, 3), "params": int(ctx.params(base_widths)),
-                        "top1": round(base_top1, 2), "wall_s": round(base_wall, 1)}
+                        "top1": round(base_top1, 2), "wall_s": round(base_wall, 1), "widths": base_widths}
     if ctx.latency is not None:
         baseline_metrics["latency_ms"] = {"predicted": round(ctx.latency(base_widths), 4)}
     records = [result_record("baseline", spec, baseline_metrics, target.name, lat_source),

@@ -1,9 +1,13 @@
-"""Build a target's LatencyTable by timing each layer kind of a search space with TVM, locally or over RPC.
+"""Build a target's LatencyTable by timing each layer kind of a search space, locally or over RPC.
 
-Each grid point is one small Relax module (the layer with its fused bias + ReLU epilogue) compiled by
-`edgecompact.deploy.tvm.compile_relax`, the path deploy ships, so the table describes shipped code. The table
-is rewritten atomically after every measurement; a re-run resumes and never repeats a recorded point. This
-module measures; predicting from a table is edgecompact.cost.latency's job.
+A table measures the runtime the target ships (`Target.runtime`), so its predictions describe shipped code:
+- "tvm": each grid point is one small Relax module (the layer with its fused bias + ReLU epilogue) compiled by
+  `edgecompact.deploy.tvm.compile_relax`, the path deploy ships; locally or on boards over TVM RPC.
+- "onnxruntime": each grid point is a one-node ONNX graph (Conv + bias [+ Relu], or Gemm) run by an
+  onnxruntime CPU session configured as the deploy bench's (`edgecompact.deploy.onnx.session`); local only.
+Both use one statistic (`timed_ms`). The table is rewritten atomically after every measurement; a re-run
+resumes and never repeats a recorded point, and refuses a table measured with another runtime or setting.
+This module measures; predicting from a table is edgecompact.cost.latency's job.
 """
 
 from __future__ import annotations
@@ -15,21 +19,26 @@ import platform
 import queue
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime
 import tvm
+from onnx import TensorProto, helper
 from tqdm import tqdm
 from tvm import relax
 
 from edgecompact import rpc as ec_rpc
 from edgecompact.cost.latency import Entry, LatencyTable, LayerKey, layer_grid
+from edgecompact.deploy import onnx as eonnx
 from edgecompact.deploy.tvm import compile_relax, export_library, time_executable, tvm_target
 from edgecompact.errors import ConfigError, DeployError
 from edgecompact.structure import Structure
-from edgecompact.targets import Target
+from edgecompact.targets import RUNTIMES, Target
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 # Each grid point keeps the fastest of REPEAT repeats (each averaging runs for >= MIN_REPEAT_MS): on a CPU
@@ -44,6 +53,8 @@ RPC_TRIES = 3  # attempts per grid point when servers die under it
 
 Grid = dict[LayerKey, tuple[list[int], list[int]]]
 OnMeasure = Callable[[LayerKey, int, int, float], None]
+# repeats(number, repeat) -> ms per run of each of `repeat` repeats of `number` back-to-back runs
+Repeats = Callable[[int, int], list[float]]
 
 
 def layer_module(key: LayerKey, c_in: int, c_out: int) -> tuple[tvm.IRModule, list[np.ndarray]]:
@@ -89,11 +100,89 @@ def _padding(key: LayerKey) -> tuple[int, int, int, int]:
     return pads[0][0], pads[1][0], pads[0][1], pads[1][1]
 
 
-def _timed_ms(runtime_module: Any, args: list[np.ndarray], device: Any = None) -> float:
-    """Fastest of REPEAT repeats, each averaging enough runs (MIN_REPEAT_MS) to dwarf timer overhead."""
-    first = time_executable(runtime_module, args, number=1, repeat=1, device=device)[0]
+def onnx_layer_model(key: LayerKey, c_in: int, c_out: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The one-layer ONNX graph of `key` at (c_in, c_out) and its input feed; weights are random initializers.
+
+    A conv is Conv (with bias) + Relu and a linear layer Gemm (transB, with bias), as they appear after ONNX
+    export with BatchNorm folded; onnxruntime's graph optimizer fuses the Relu into the conv, as in a model.
+    """
+    if key.precision != "fp32":
+        raise ConfigError(f"precision '{key.precision}': onnxruntime profiling supports fp32 only")
+    rng = np.random.default_rng(0)
+    if key.op == "linear":
+        x_shape, w_shape, out_shape = (1, c_in), (c_out, c_in), (1, c_out)
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)]
+    else:
+        c_in = c_out if key.depthwise else c_in
+        x_shape = (1, c_in, *key.in_hw)
+        w_shape, out_shape = (c_out, 1 if key.depthwise else c_in, *key.kernel), (1, c_out, *key.out_hw)
+        conv = helper.make_node(
+            "Conv",
+            ["x", "w", "b"],
+            ["conv"],
+            kernel_shape=list(key.kernel),
+            strides=list(key.stride),
+            pads=list(_padding(key)),
+            group=c_out if key.depthwise else 1,
+        )
+        nodes = [conv, helper.make_node("Relu", ["conv"], ["y"])]
+    weights = [
+        onnx.numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32), "w"),
+        onnx.numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        initializer=weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", eonnx.OPSET)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model, {"x": rng.standard_normal(x_shape).astype(np.float32)}
+
+
+def timed_ms(repeats: Repeats) -> float:
+    """The tables' statistic: the fastest of REPEAT repeats, each averaging enough back-to-back runs
+    (>= MIN_REPEAT_MS) to dwarf timer and call overhead. `repeats(number, repeat)` runs and times them."""
+    first = repeats(1, 1)[0]
     number = max(1, min(1000, math.ceil(MIN_REPEAT_MS / max(first, 1e-3))))
-    return min(time_executable(runtime_module, args, number=number, repeat=REPEAT, device=device))
+    return min(repeats(number, REPEAT))
+
+
+def ort_repeats(sess: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray]) -> Repeats:
+    """`timed_ms`'s measuring function for an onnxruntime session (one warm-up run per call)."""
+
+    def repeats(number: int, repeat: int) -> list[float]:
+        sess.run(None, feeds)
+        out = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for _ in range(number):
+                sess.run(None, feeds)
+            out.append((time.perf_counter() - start) * 1e3 / number)
+        return out
+
+    return repeats
+
+
+def time_onnx(path: Path, feeds: dict[str, np.ndarray], threads: int = 1) -> float:
+    """`timed_ms` of the ONNX file at `path` in a deploy-configured session with `threads` intra-op threads."""
+    return timed_ms(ort_repeats(eonnx.session(path, threads), feeds))
+
+
+def _tvm_repeats(runtime_module: Any, args: list[np.ndarray], device: Any = None) -> Repeats:
+    return lambda number, repeat: time_executable(
+        runtime_module, args, number=number, repeat=repeat, device=device
+    )
+
+
+def _ort_layer_ms(key: LayerKey, c_in: int, c_out: int, threads: int) -> float:
+    model, feeds = onnx_layer_model(key, c_in, c_out)
+    with tempfile.TemporaryDirectory(prefix="edgecompact-ort-") as tmp:
+        path = Path(tmp) / "layer.onnx"
+        onnx.save(model, str(path))
+        return time_onnx(path, feeds, threads)
 
 
 def _merge(table: LatencyTable, grid: Grid) -> None:
@@ -119,6 +208,8 @@ def profile(
     *,
     grid: Grid | None = None,
     rpc: tuple[str, int, str] | None = None,
+    runtime: str | None = None,
+    threads: int = 1,
     tune_trials: int = DEFAULT_TUNE_TRIALS,
     db_dir: Path | None = None,
     on_measure: OnMeasure | None = None,
@@ -127,46 +218,33 @@ def profile(
     """Measure every layer kind of `structure`'s search space on `target` into the table at `out_path`.
 
     grid: {LayerKey: (c_in axis, c_out axis)}, default `layer_grid(structure, ...)` (each group from 1/8 to
-    full width). rpc: (tracker host, port, key) to time on remote servers (cross-compiled here), else local.
-    An existing `out_path` is resumed: recorded points are kept and not measured again. `on_measure` is called
-    after each point has been saved.
+    full width). runtime: "tvm" | "onnxruntime", default `target.runtime` (what ships there). rpc: (tracker
+    host, port, key) to time TVM modules on remote servers (cross-compiled here), else local. threads:
+    onnxruntime intra-op threads (TVM's pool follows TVM_NUM_THREADS). tune_trials: TVM only.
+    An existing `out_path` is resumed: recorded points are kept and not measured again; one measured with
+    another runtime or setting is refused. `on_measure` is called after each point has been saved.
     """
     out_path = Path(out_path)
+    runtime = runtime or target.runtime
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"--runtime: must be one of {', '.join(RUNTIMES)}, got '{runtime}'")
+    if runtime == "onnxruntime" and rpc is not None:
+        raise ConfigError("--rpc: RPC profiling times TVM modules only; profile onnxruntime tables locally")
     if rpc is None and not target.runnable_here:
         raise ConfigError(
             f"target '{target.name}' does not run on this machine; profile it with --rpc HOST:PORT"
         )
     if tune_trials < 0:
         raise ConfigError(f"--tune-trials must be >= 0, got {tune_trials}")
+    if runtime == "onnxruntime" and tune_trials:
+        raise ConfigError(f"--tune-trials {tune_trials}: tuning applies to TVM tables, not onnxruntime ones")
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
     if out_path.exists():
         table = LatencyTable.load(out_path, target)
-        if table.is_estimate:
-            raise ConfigError(
-                f"{out_path}: holds a roofline estimate, not measurements; choose another --out"
-            )
-        if table.provenance.get("tune_trials") != tune_trials:
-            raise ConfigError(
-                f"{out_path}: measured with tune_trials={table.provenance.get('tune_trials')}, "
-                f"not {tune_trials}; use the same setting or another --out"
-            )
+        _check_resumable(table, out_path, runtime, tune_trials, threads)
     else:
-        where = (
-            f"over RPC (key '{rpc[2]}')" if rpc else f"local ({platform.processor() or platform.machine()})"
-        )
-        table = LatencyTable.new(
-            target,
-            "measured",
-            space=structure.model_name,
-            tvm_version=tvm.__version__,
-            tvm_target=str(tvm_target(target)),
-            tuned=tune_trials > 0,
-            tune_trials=tune_trials,
-            runtime=f"TVM Relax VM, {where}",
-            threads=os.environ.get("TVM_NUM_THREADS", "TVM default (all cores)"),
-            layer="conv2d + bias + ReLU (fused) | matmul + bias",
-            statistic=f"min of {REPEAT} repeats of >= {MIN_REPEAT_MS:g} ms",
-            date=datetime.date.today().isoformat(),
-        )
+        table = _new_table(structure, target, runtime, rpc, tune_trials, threads)
     _merge(
         table, grid if grid is not None else layer_grid(structure, target.precision, target.channel_multiple)
     )
@@ -181,7 +259,7 @@ def profile(
     bar = tqdm(
         total=total,
         initial=total - len(todo),
-        desc=f"profile {target.name}",
+        desc=f"profile {target.name} ({runtime})",
         unit="layer",
         disable=not progress,
     )
@@ -196,17 +274,81 @@ def profile(
             on_measure(key, ci, co, ms)
 
     try:
-        if rpc is None:
+        if rpc is not None:
+            if todo:
+                _profile_rpc(todo, target, rpc, tune_trials, db_dir, record)
+        elif runtime == "onnxruntime":
+            for job in todo:
+                record(job, _ort_layer_ms(job[0], job[3], job[4], threads))
+        else:
             for job in todo:
                 mod, args = layer_module(job[0], job[3], job[4])
-                record(
-                    job, _timed_ms(compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir), args)
-                )
-        elif todo:
-            _profile_rpc(todo, target, rpc, tune_trials, db_dir, record)
+                ex = compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir)
+                record(job, timed_ms(_tvm_repeats(ex, args)))
     finally:
         bar.close()
     return table
+
+
+def _new_table(
+    structure: Structure,
+    target: Target,
+    runtime: str,
+    rpc: tuple[str, int, str] | None,
+    tune_trials: int,
+    threads: int,
+) -> LatencyTable:
+    where = f"over RPC (key '{rpc[2]}')" if rpc else f"local ({platform.processor() or platform.machine()})"
+    common = {
+        "space": structure.model_name,
+        "runtime": runtime,
+        "where": where,
+        "statistic": f"min of {REPEAT} repeats of >= {MIN_REPEAT_MS:g} ms",
+        "date": datetime.date.today().isoformat(),
+    }
+    if runtime == "onnxruntime":
+        return LatencyTable.new(
+            target,
+            "measured",
+            **common,
+            onnxruntime_version=onnxruntime.__version__,
+            session="CPUExecutionProvider, graph optimizations ORT_ENABLE_ALL (default), sequential, "
+            "1 inter-op thread (edgecompact.deploy.onnx.session)",
+            threads=threads,
+            layer="Conv + bias + Relu (fused by onnxruntime) | Gemm (transB) + bias",
+        )
+    return LatencyTable.new(
+        target,
+        "measured",
+        **common,
+        tvm_version=tvm.__version__,
+        tvm_target=str(tvm_target(target)),
+        tuned=tune_trials > 0,
+        tune_trials=tune_trials,
+        threads=os.environ.get("TVM_NUM_THREADS", "TVM default (all cores)"),
+        layer="conv2d + bias + ReLU (fused) | matmul + bias",
+    )
+
+
+def _check_resumable(table: LatencyTable, path: Path, runtime: str, tune_trials: int, threads: int) -> None:
+    """A table is only resumed with the runtime and settings it was measured with (never mixed)."""
+    if table.is_estimate:
+        raise ConfigError(f"{path}: holds a roofline estimate, not measurements; choose another --out")
+    if table.runtime != runtime:
+        raise ConfigError(
+            f"{path}: measured with {table.runtime}, not {runtime}; a table never mixes runtimes: "
+            "use another --out"
+        )
+    if runtime == "onnxruntime" and table.provenance.get("threads") != threads:
+        raise ConfigError(
+            f"{path}: measured with {table.provenance.get('threads')} onnxruntime thread(s), not {threads}; "
+            "use the same setting or another --out"
+        )
+    if runtime == "tvm" and table.provenance.get("tune_trials") != tune_trials:
+        raise ConfigError(
+            f"{path}: measured with tune_trials={table.provenance.get('tune_trials')}, "
+            f"not {tune_trials}; use the same setting or another --out"
+        )
 
 
 def _profile_rpc(
@@ -288,4 +430,4 @@ def _timed_remote(
     so the session ends (and the server returns to the tracker) when it returns."""
     session = ec_rpc.request_session(tracker, key, RPC_TIMEOUT_S)
     session.upload(str(lib))
-    return _timed_ms(session.load_module(lib.name), args, session.device(device_type))
+    return timed_ms(_tvm_repeats(session.load_module(lib.name), args, session.device(device_type)))

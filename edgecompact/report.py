@@ -27,9 +27,9 @@ def machine() -> str:
 
 
 def versions() -> dict:
-    import torch
-
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     out = {"edgecompact": __version__, "torch": torch.__version__.split("+")[0]}
     for key, dist in (("tvm", "apache-tvm"), ("onnxruntime", "onnxruntime")):
@@ -43,7 +43,7 @@ def versions() -> dict:
 def result_record(name: str, spec, metrics: dict, target: str, latency_source: str) -> dict:
     """One BENCHMARKS.md record from a method's metrics; the latency source is named next to a predicted ms."""
     rec = {"name": name, "model": spec.model, "dataset": spec.data.split(":")[0]}
-    for key in ("mflops", "params", "top1", "budget", "wall_s"):
+    for key in ("mflops", "params", "top1", "budget", "wall_s", "widths"):
         if key in metrics and not (name == "baseline" and key == "budget"):
             rec[key] = metrics[key]
     lat = dict(metrics.get("latency_ms", {}))
@@ -119,9 +119,10 @@ def load_records(paths: list[Path]) -> list[dict]:
         if not f.is_file():
             raise ConfigError(f"{p}: no report.json (not a finished run directory or report file)")
         try:
-            doc = json.loads(f.read_text())
-            results = doc["results"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            results = json.loads(f.read_text())["results"]
+            if not isinstance(results, list) or not all(isinstance(r, dict) and "name" in r for r in results):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise ConfigError(f"{f}: malformed report JSON") from None
         for r in results:
             key = (r.get("name"), r.get("model"), r.get("dataset"))
@@ -142,7 +143,8 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot(records: list[dict], out_dir: Path) -> list[Path]:
-    """accuracy vs MFLOPs and vs measured ms (Pareto front marked); returns the PNG paths written."""
+    """accuracy vs MFLOPs and vs measured ms (Pareto front marked), and per-group widths of every result
+    against the baseline's; returns the PNG paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,6 +175,23 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         path = out_dir / f"accuracy_vs_{tag}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    with_widths = [r for r in records if r.get("widths")]
+    base = next((r for r in records if r["name"] == "baseline" and r.get("widths")), None)
+    if with_widths:
+        groups = list((base or with_widths[0])["widths"])
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(groups)), 4))
+        step = 0.8 / len(with_widths)
+        for i, r in enumerate(with_widths):
+            ax.bar([g + i * step for g in range(len(groups))], [r["widths"].get(k, 0) for k in groups], step,
+                   label=r["name"])
+        ax.set_xticks([g + 0.4 - step / 2 for g in range(len(groups))], groups, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("channels")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / "widths.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

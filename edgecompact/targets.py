@@ -17,15 +17,19 @@ from edgecompact.errors import ConfigError
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# What deployments ship and latency tables measure on a target: TVM's compiled module, or onnxruntime's CPU
+# provider (on a desktop CPU untuned TVM is 30-100x slower than onnxruntime, so ORT is what ships there).
+RUNTIMES = ("tvm", "onnxruntime")
 
 _REQUIRED = {"name", "description", "tvm_target", "peak_gflops", "peak_gbps"}
-_OPTIONAL = {"host_target", "cross_compiler", "rpc_key", "runnable_here", "constraints"}
+_OPTIONAL = {"host_target", "cross_compiler", "rpc_key", "runnable_here", "runtime", "constraints"}
 _CONSTRAINT_KEYS = {"channel_multiple", "precision"}
 
 
 @dataclass(frozen=True)
 class Target:
-    """One device. `tvm_target` is a TVM tag string or a JSON-style dict (TVM 0.27 rejects "llvm -mcpu=")."""
+    """One device. `tvm_target` is a TVM tag string or a JSON-style dict (TVM 0.27 rejects "llvm -mcpu=").
+    `runtime` ("tvm" | "onnxruntime") is what deployments ship and latency tables measure there."""
 
     name: str
     description: str
@@ -38,6 +42,7 @@ class Target:
     runnable_here: bool = False
     channel_multiple: int = 1
     precision: str = "fp32"
+    runtime: str = "tvm"
     source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -45,7 +50,8 @@ class Target:
             "name": self.name, "description": self.description, "tvm_target": self.tvm_target,
             "host_target": self.host_target, "cross_compiler": self.cross_compiler, "rpc_key": self.rpc_key,
             "runnable_here": self.runnable_here, "channel_multiple": self.channel_multiple,
-            "precision": self.precision, "peak_gflops": self.peak_gflops, "peak_gbps": self.peak_gbps,
+            "precision": self.precision, "runtime": self.runtime, "peak_gflops": self.peak_gflops,
+            "peak_gbps": self.peak_gbps,
         }
 
 
@@ -90,6 +96,9 @@ def load_target_file(path: Path) -> Target:
     precision = cons.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise ConfigError(f"{path}: key 'constraints.precision' must be one of {', '.join(PRECISIONS)}")
+    runtime = raw.get("runtime", "tvm")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"{path}: key 'runtime' must be one of {', '.join(RUNTIMES)}")
     if raw["name"] != path.stem:
         raise ConfigError(f"{path}: key 'name' is '{raw['name']}' but the file is named '{path.stem}'")
     return Target(
@@ -97,7 +106,7 @@ def load_target_file(path: Path) -> Target:
         peak_gflops=float(raw["peak_gflops"]), peak_gbps=float(raw["peak_gbps"]),
         host_target=raw.get("host_target"), cross_compiler=raw.get("cross_compiler"),
         rpc_key=raw.get("rpc_key"), runnable_here=raw.get("runnable_here", False),
-        channel_multiple=multiple, precision=precision, source=str(path),
+        channel_multiple=multiple, precision=precision, runtime=runtime, source=str(path),
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from edgecompact.errors import ConfigError
 from edgecompact.structure import Layer, Structure
-from edgecompact.targets import Target
+from edgecompact.targets import RUNTIMES, Target
 
 FORMAT = "edgecompact-latency-table/1"
 PROFILES_DIR = Path(__file__).resolve().parent.parent.parent / "profiles"
@@ -103,7 +103,9 @@ class LatencyTable:
 
     provenance: dict[str, Any]
     entries: dict[LayerKey, Entry] = field(default_factory=dict)
-    # whole-model correction fitted by tools/bench_predictor.py: model_ms = scale * sum_of_layers + offset_ms
+    # whole-model correction fitted by tools/bench_predictor.py:
+    # model_ms = scale * sum_of_layers + per_layer_ms * layers + offset_ms (per_layer_ms optional, default 0:
+    # each layer measured alone pays a runtime's per-call overhead that a whole model pays once)
     correction: dict[str, Any] = field(
         default_factory=lambda: {"scale": 1.0, "offset_ms": 0.0, "fitted_on": None}
     )
@@ -134,9 +136,21 @@ class LatencyTable:
         return self.provenance.get("source") == "roofline-estimate"
 
     @property
+    def runtime(self) -> str | None:
+        """The runtime a measured table timed ("tvm" | "onnxruntime"; tables older than the key: "tvm");
+        None for an estimate."""
+        if self.is_estimate:
+            return None
+        runtime = str(self.provenance.get("runtime", "tvm"))
+        return runtime if runtime in RUNTIMES else "tvm"
+
+    @property
     def label(self) -> str:
-        """How reports name this table's numbers: the target, and "(roofline estimate)" when not measured."""
-        return f"{self.target} (roofline estimate)" if self.is_estimate else f"{self.target} (measured)"
+        """How reports name this table's numbers: the target, and "(roofline estimate)" when not measured,
+        else the runtime it measured."""
+        if self.is_estimate:
+            return f"{self.target} (roofline estimate)"
+        return f"{self.target} (measured, {self.runtime})"
 
     def check_target(self, target: Target) -> None:
         """Raise ConfigError unless this table was made for `target` (tables are never mixed)."""
@@ -175,10 +189,15 @@ class LatencyTable:
     def predict(self, structure: Structure, widths: dict[str, int], *, corrected: bool = True) -> float:
         """Predicted latency (ms) of `structure` at `widths`: the sum over conv and linear layers (BN folded),
         then the table's whole-model correction unless `corrected` is False."""
-        total = sum(self.layer_ms(layer, c_in, c_out) for layer, c_in, c_out in structure.channels(widths))
+        times = [
+            self.layer_ms(layer, c_in, c_out)
+            for layer, c_in, c_out in structure.channels(widths)
+            if layer.op != "batchnorm"
+        ]
         if not corrected:
-            return total
-        return self.correction["scale"] * total + self.correction["offset_ms"]
+            return sum(times)
+        c = self.correction
+        return c["scale"] * sum(times) + c.get("per_layer_ms", 0.0) * len(times) + c["offset_ms"]
 
     def marginal_latency(self, structure: Structure, widths: dict[str, int], group: str) -> float:
         """ms saved per channel removed from `group` at `widths` (one channel_multiple step, finite diff.).
@@ -248,10 +267,8 @@ class LatencyTable:
                     raise ValueError(f"entry '{text}': ms grid does not match its axes")
                 entries[LayerKey.parse(text)] = entry
             correction = dict(raw.get("correction") or {"scale": 1.0, "offset_ms": 0.0, "fitted_on": None})
-            correction["scale"], correction["offset_ms"] = (
-                float(correction["scale"]),
-                float(correction["offset_ms"]),
-            )
+            for key in ("scale", "offset_ms") + (("per_layer_ms",) if "per_layer_ms" in correction else ()):
+                correction[key] = float(correction[key])
         except (
             json.JSONDecodeError,
             UnicodeDecodeError,
@@ -331,11 +348,18 @@ def table_for(
 ) -> LatencyTable:
     """The measured table of `target` for this search space if one exists, else the roofline estimate.
 
-    The estimate's provenance says `roofline-estimate` and `label` says so: callers print the label.
+    The estimate's provenance says `roofline-estimate` and `label` says so: callers print the label. A table
+    measured with another runtime than the one the target ships is refused (ConfigError), never used.
     """
     path = default_table_path(target, space or structure.model_name, directory)
     if path.is_file():
-        return LatencyTable.load(path, target)
+        table = LatencyTable.load(path, target)
+        if not table.is_estimate and table.runtime != target.runtime:
+            raise ConfigError(
+                f"{path}: measured with {table.runtime}, but target '{target.name}' ships {target.runtime}; "
+                f"re-profile it (`edgecompact profile --target {target.name}`)"
+            )
+        return table
     from edgecompact.cost.roofline import roofline_table  # roofline builds LatencyTables, so it imports us
 
     return roofline_table(structure, target)
