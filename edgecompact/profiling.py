@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import queue
+import statistics
 import tempfile
 import threading
 import time
@@ -41,10 +42,16 @@ from edgecompact.structure import Structure
 from edgecompact.targets import RUNTIMES, Target
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
-# Each grid point keeps the fastest of REPEAT repeats (each averaging runs for >= MIN_REPEAT_MS): on a CPU
-# shared with other jobs the median drifts with their load (2-3x here); the minimum is the uncontended time.
-REPEAT = 10
-MIN_REPEAT_MS = 10.0
+# The tables' statistic (`timed_ms`): single runs in REPEAT groups, each group spanning >= MIN_GROUP_MS (and
+# >= MIN_GROUP_RUNS runs); the minimum over groups of each group's median. On a CPU shared with other jobs a
+# mean drifts with their load (2-3x here); a group's median drops the runs they preempted, and the fastest
+# group is the least contended stretch of time.
+REPEAT = 20
+MIN_GROUP_MS = 10.0
+MIN_GROUP_RUNS = 5
+STATISTIC = (
+    f"min over {REPEAT} groups (each >= {MIN_GROUP_MS:g} ms, >= {MIN_GROUP_RUNS} runs) of the median run"
+)
 # Untuned (TVM's default CPU pipeline: naive conv loops). Tuning is per grid point (~150 s for 16 trials
 # of one layer here), so a tuned ResNet-32 table (185 points) would take about 8 hours on 2 cores.
 DEFAULT_TUNE_TRIALS = 0
@@ -53,8 +60,8 @@ RPC_TRIES = 3  # attempts per grid point when servers die under it
 
 Grid = dict[LayerKey, tuple[list[int], list[int]]]
 OnMeasure = Callable[[LayerKey, int, int, float], None]
-# repeats(number, repeat) -> ms per run of each of `repeat` repeats of `number` back-to-back runs
-Repeats = Callable[[int, int], list[float]]
+# runs(n) -> the ms of each of n back-to-back single runs
+Runs = Callable[[int], list[float]]
 
 
 def layer_module(key: LayerKey, c_in: int, c_out: int) -> tuple[tvm.IRModule, list[np.ndarray]]:
@@ -142,39 +149,36 @@ def onnx_layer_model(key: LayerKey, c_in: int, c_out: int) -> tuple[onnx.ModelPr
     return model, {"x": rng.standard_normal(x_shape).astype(np.float32)}
 
 
-def timed_ms(repeats: Repeats) -> float:
-    """The tables' statistic: the fastest of REPEAT repeats, each averaging enough back-to-back runs
-    (>= MIN_REPEAT_MS) to dwarf timer and call overhead. `repeats(number, repeat)` runs and times them."""
-    first = repeats(1, 1)[0]
-    number = max(1, min(1000, math.ceil(MIN_REPEAT_MS / max(first, 1e-3))))
-    return min(repeats(number, REPEAT))
+def timed_ms(runs: Runs) -> float:
+    """The tables' statistic (STATISTIC) of whatever `runs(n)` runs and times n times, one by one."""
+    first = min(runs(3))
+    size = max(MIN_GROUP_RUNS, min(1000, math.ceil(MIN_GROUP_MS / max(first, 1e-3))))
+    runs(size)  # warm-up: caches, allocator arenas, CPU frequency
+    return min(statistics.median(runs(size)) for _ in range(REPEAT))
 
 
-def ort_repeats(sess: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray]) -> Repeats:
-    """`timed_ms`'s measuring function for an onnxruntime session (one warm-up run per call)."""
+def ort_runs(sess: onnxruntime.InferenceSession, feeds: dict[str, np.ndarray]) -> Runs:
+    """`timed_ms`'s runner for an onnxruntime session."""
 
-    def repeats(number: int, repeat: int) -> list[float]:
-        sess.run(None, feeds)
+    def runs(n: int) -> list[float]:
         out = []
-        for _ in range(repeat):
+        for _ in range(n):
             start = time.perf_counter()
-            for _ in range(number):
-                sess.run(None, feeds)
-            out.append((time.perf_counter() - start) * 1e3 / number)
+            sess.run(None, feeds)
+            out.append((time.perf_counter() - start) * 1e3)
         return out
 
-    return repeats
+    return runs
 
 
 def time_onnx(path: Path, feeds: dict[str, np.ndarray], threads: int = 1) -> float:
     """`timed_ms` of the ONNX file at `path` in a deploy-configured session with `threads` intra-op threads."""
-    return timed_ms(ort_repeats(eonnx.session(path, threads), feeds))
+    return timed_ms(ort_runs(eonnx.session(path, threads), feeds))
 
 
-def _tvm_repeats(runtime_module: Any, args: list[np.ndarray], device: Any = None) -> Repeats:
-    return lambda number, repeat: time_executable(
-        runtime_module, args, number=number, repeat=repeat, device=device
-    )
+def tvm_runs(runtime_module: Any, args: list[np.ndarray], device: Any = None) -> Runs:
+    """`timed_ms`'s runner for a compiled Relax module (TVM's time_evaluator, one run per value)."""
+    return lambda n: time_executable(runtime_module, args, number=1, repeat=n, device=device)
 
 
 def _ort_layer_ms(key: LayerKey, c_in: int, c_out: int, threads: int) -> float:
@@ -284,7 +288,7 @@ def profile(
             for job in todo:
                 mod, args = layer_module(job[0], job[3], job[4])
                 ex = compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir)
-                record(job, timed_ms(_tvm_repeats(ex, args)))
+                record(job, timed_ms(tvm_runs(ex, args)))
     finally:
         bar.close()
     return table
@@ -303,7 +307,7 @@ def _new_table(
         "space": structure.model_name,
         "runtime": runtime,
         "where": where,
-        "statistic": f"min of {REPEAT} repeats of >= {MIN_REPEAT_MS:g} ms",
+        "statistic": STATISTIC,
         "date": datetime.date.today().isoformat(),
     }
     if runtime == "onnxruntime":
@@ -338,6 +342,10 @@ def _check_resumable(table: LatencyTable, path: Path, runtime: str, tune_trials:
         raise ConfigError(
             f"{path}: measured with {table.runtime}, not {runtime}; a table never mixes runtimes: "
             "use another --out"
+        )
+    if table.provenance.get("statistic") != STATISTIC:
+        raise ConfigError(
+            f"{path}: timed with another statistic ({table.provenance.get('statistic')}); use another --out"
         )
     if runtime == "onnxruntime" and table.provenance.get("threads") != threads:
         raise ConfigError(
@@ -430,4 +438,4 @@ def _timed_remote(
     so the session ends (and the server returns to the tracker) when it returns."""
     session = ec_rpc.request_session(tracker, key, RPC_TIMEOUT_S)
     session.upload(str(lib))
-    return timed_ms(_tvm_repeats(session.load_module(lib.name), args, session.device(device_type)))
+    return timed_ms(tvm_runs(session.load_module(lib.name), args, session.device(device_type)))

@@ -39,7 +39,7 @@ def _bilinear(key: LayerKey, c_in: int, c_out: int) -> float:
 
 
 def _table(structure: Structure, fn=_bilinear) -> LatencyTable:
-    table = LatencyTable.new(HOST, "measured", space=structure.model_name)
+    table = LatencyTable.new(HOST, "measured", space=structure.model_name, runtime=HOST.runtime)
     for key, (c_in, c_out) in layer_grid(structure, "fp32").items():
         entry = Entry.empty(c_in, c_out)
         for i, j, ci, co in entry.points():
@@ -177,7 +177,31 @@ def test_save_load_round_trip_is_atomic_and_keeps_provenance(tmp_path):
     loaded = LatencyTable.load(path, HOST)
     assert loaded.provenance == table.provenance and loaded.correction == table.correction
     assert loaded.predict(s, {"a": 7, "b": 13}) == pytest.approx(table.predict(s, {"a": 7, "b": 13}))
-    assert loaded.provenance["source"] == "measured" and loaded.label == "host (measured)"
+    assert loaded.provenance["source"] == "measured" and loaded.label == "host (measured, onnxruntime)"
+
+
+def test_per_layer_correction_adds_a_constant_per_conv_and_linear_layer():
+    s = _structure()  # 4 timed layers (stem, conv, dw, fc); BatchNorm is folded and never counted
+    table = _table(s)
+    widths = {"a": 7, "b": 13}
+    raw = table.predict(s, widths, corrected=False)
+    table.correction = {"scale": 0.5, "per_layer_ms": -0.01, "offset_ms": 0.2, "fitted_on": "x"}
+    assert table.predict(s, widths) == pytest.approx(0.5 * raw - 0.04 + 0.2, rel=1e-12)
+
+
+def test_table_of_another_runtime_than_the_target_ships_is_refused_by_table_for(tmp_path):
+    s = _structure()
+    tvm_table = _table(s)
+    tvm_table.provenance["runtime"] = "tvm"
+    path = default_table_path(HOST, "toy", tmp_path)
+    tvm_table.save(path)
+    assert HOST.runtime == "onnxruntime" and LatencyTable.load(path, HOST).label == "host (measured, tvm)"
+    with pytest.raises(ConfigError, match=r"toy\.json: measured with tvm, but target 'host' ships onnxruntime"):
+        table_for(HOST, s, directory=tmp_path)
+    old = tvm_table.to_dict()
+    old["provenance"]["runtime"] = "TVM Relax VM, local (x86_64)"  # tables written before the runtime key
+    path.write_text(json.dumps(old))
+    assert LatencyTable.load(path).runtime == "tvm"
 
 
 def test_table_of_another_target_is_refused(tmp_path):

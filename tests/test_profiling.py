@@ -1,4 +1,5 @@
-"""Profiling: layer modules compute the layer, tables fill and resume (even after SIGKILL), loopback RPC."""
+"""Profiling: TVM and onnxruntime layer graphs compute the layer (vs torch), tables fill and resume (even after
+SIGKILL), never mix runtimes or settings; loopback RPC."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from edgecompact import rpc as ec_rpc
 from edgecompact.cost.latency import LatencyTable, LayerKey
 from edgecompact.errors import ConfigError
-from edgecompact.profiling import layer_module, profile
+from edgecompact.profiling import STATISTIC, layer_module, onnx_layer_model, profile
 from edgecompact.structure import Layer, Structure
 from edgecompact.targets import get_target
 
@@ -34,16 +35,44 @@ def _grid(c_in: list[int], c_out: list[int]) -> dict:
     return {CONV: (c_in, c_out)}
 
 
-@pytest.mark.parametrize(
-    ("key", "c_in", "c_out"),
-    [
-        ("conv2d k3x3 s1x1 dense 8x8->8x8 fp32", 3, 5),
-        ("conv2d k3x3 s2x2 dense 9x9->5x5 fp32", 4, 6),
-        ("conv2d k1x1 s2x2 dense 8x8->4x4 fp32", 4, 6),
-        ("conv2d k3x3 s2x2 dw 8x8->4x4 fp32", 6, 6),
-        ("linear fp32", 7, 3),
-    ],
-)
+LAYERS = [
+    ("conv2d k3x3 s1x1 dense 8x8->8x8 fp32", 3, 5),
+    ("conv2d k3x3 s2x2 dense 9x9->5x5 fp32", 4, 6),
+    ("conv2d k1x1 s2x2 dense 8x8->4x4 fp32", 4, 6),
+    ("conv2d k3x3 s2x2 dw 8x8->4x4 fp32", 6, 6),
+    ("linear fp32", 7, 3),
+]
+
+
+def _torch_layer(key: LayerKey, x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The layer computed by torch: the independent truth for both runtimes' layer graphs."""
+    x, w, b = (torch.from_numpy(np.array(a)) for a in (x, w, b))
+    if key.op == "linear":
+        return torch.nn.functional.linear(x, w, b).numpy()
+    pad = key.kernel[0] // 2
+    groups = w.shape[0] if key.depthwise else 1
+    return torch.relu(
+        torch.nn.functional.conv2d(x, w, b, stride=key.stride, padding=pad, groups=groups)
+    ).numpy()
+
+
+@pytest.mark.parametrize(("key", "c_in", "c_out"), LAYERS)
+def test_onnx_layer_model_computes_the_layer_as_torch_does(key, c_in, c_out):
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    key = LayerKey.parse(key)
+    model, feeds = onnx_layer_model(key, c_in, c_out)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )[0]
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    want = _torch_layer(key, feeds["x"], weights["w"], weights["b"])
+    assert got.shape == want.shape and tuple(want.shape[2:]) == (key.out_hw if key.op != "linear" else ())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("key", "c_in", "c_out"), LAYERS)
 def test_layer_module_computes_the_layer_as_torch_does(key, c_in, c_out):
     import tvm
     from tvm import relax
@@ -54,23 +83,13 @@ def test_layer_module_computes_the_layer_as_torch_does(key, c_in, c_out):
     mod, args = layer_module(key, c_in, c_out)
     vm = relax.VirtualMachine(compile_relax(mod, HOST), tvm.cpu())
     got = vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
-    x, w, b = (torch.from_numpy(a) for a in args)
-    if key.op == "linear":
-        want = torch.nn.functional.linear(x, w, b)
-    else:
-        pad = key.kernel[0] // 2
-        want = torch.relu(
-            torch.nn.functional.conv2d(
-                x, w, b, stride=key.stride, padding=pad, groups=c_out if key.depthwise else 1
-            )
-        )
-    assert got.shape == tuple(want.shape) and tuple(want.shape[2:]) == (
-        key.out_hw if key.op != "linear" else ()
-    )
-    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+    want = _torch_layer(key, *args)
+    assert got.shape == want.shape and tuple(want.shape[2:]) == (key.out_hw if key.op != "linear" else ())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_profile_fills_the_grid_and_a_rerun_measures_nothing(tmp_path):
+@pytest.mark.parametrize("runtime", ["tvm", "onnxruntime"])
+def test_profile_fills_the_grid_and_a_rerun_measures_nothing(tmp_path, runtime):
     out = tmp_path / "t.json"
     seen = []
     profile(
@@ -78,20 +97,32 @@ def test_profile_fills_the_grid_and_a_rerun_measures_nothing(tmp_path):
         HOST,
         out,
         grid=_grid([2, 8], [2, 8]),
+        runtime=runtime,
         progress=False,
         on_measure=lambda *a: seen.append(a[:3]),
     )
     assert sorted((c, o) for _, c, o in seen) == [(2, 2), (2, 8), (8, 2), (8, 8)]
     loaded = LatencyTable.load(out, HOST)
-    assert loaded.provenance["source"] == "measured" and loaded.provenance["tune_trials"] == 0
-    assert loaded.provenance["tuned"] is False and loaded.provenance["tvm_version"]
+    assert loaded.provenance["source"] == "measured" and loaded.runtime == runtime
+    assert loaded.provenance["statistic"] == STATISTIC and loaded.provenance["threads"]
+    if runtime == "tvm":
+        assert loaded.provenance["tuned"] is False and loaded.provenance["tune_trials"] == 0
+        assert loaded.provenance["tvm_version"]
+    else:
+        assert loaded.provenance["onnxruntime_version"] and loaded.provenance["threads"] == 1
     ms = loaded.entries[CONV].ms
     assert all(v > 0 for row in ms for v in row)
     assert ms[1][1] > ms[0][0]  # 16x the MACs cannot be faster
     assert loaded.predict(_tiny(), {"g": 8}) == pytest.approx(ms[1][1])
     again = []
     profile(
-        _tiny(), HOST, out, grid=_grid([2, 8], [2, 8]), progress=False, on_measure=lambda *a: again.append(a)
+        _tiny(),
+        HOST,
+        out,
+        grid=_grid([2, 8], [2, 8]),
+        runtime=runtime,
+        progress=False,
+        on_measure=lambda *a: again.append(a),
     )
     assert again == []
     profile(
@@ -99,6 +130,7 @@ def test_profile_fills_the_grid_and_a_rerun_measures_nothing(tmp_path):
         HOST,
         out,
         grid=_grid([2, 4, 8], [2, 8]),
+        runtime=runtime,
         progress=False,
         on_measure=lambda *a: again.append(a[1:3]),
     )  # a wider grid measures only the new points
@@ -110,14 +142,43 @@ def test_profile_refuses_bad_setups(tmp_path):
     out = tmp_path / "t.json"
     with pytest.raises(ConfigError, match="does not run on this machine; profile it with --rpc"):
         profile(_tiny(), get_target("rpi4"), out, progress=False)
-    profile(_tiny(), HOST, out, grid=_grid([8], [8]), progress=False)
+    profile(_tiny(), HOST, out, grid=_grid([8], [8]), runtime="tvm", progress=False)
     with pytest.raises(ConfigError, match="measured with tune_trials=0, not 4"):
-        profile(_tiny(), HOST, out, grid=_grid([8], [8]), tune_trials=4, progress=False)
+        profile(_tiny(), HOST, out, grid=_grid([8], [8]), runtime="tvm", tune_trials=4, progress=False)
+    with pytest.raises(
+        ConfigError, match=r"t\.json: measured with tvm, not onnxruntime; a table never mixes"
+    ):
+        profile(_tiny(), HOST, out, grid=_grid([8], [8]), progress=False)  # host ships onnxruntime
     data = json.loads(out.read_text())
     data["provenance"]["target"] = "rpi4"
     out.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="table is for target 'rpi4', not 'host'"):
         profile(_tiny(), HOST, out, progress=False)
+
+
+def test_onnxruntime_table_refuses_tvm_other_threads_rpc_and_tuning(tmp_path):
+    out = tmp_path / "ort.json"
+    assert HOST.runtime == "onnxruntime"
+    profile(_tiny(), HOST, out, grid=_grid([8], [8]), progress=False)  # the target's runtime by default
+    assert LatencyTable.load(out).runtime == "onnxruntime"
+    with pytest.raises(ConfigError, match=r"ort\.json: measured with onnxruntime, not tvm"):
+        profile(_tiny(), HOST, out, grid=_grid([8], [8]), runtime="tvm", progress=False)
+    with pytest.raises(ConfigError, match=r"ort\.json: measured with 1 onnxruntime thread\(s\), not 2"):
+        profile(_tiny(), HOST, out, grid=_grid([8], [8]), threads=2, progress=False)
+    data = json.loads(out.read_text())
+    data["provenance"]["statistic"] = "mean of 50 runs"
+    out.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"ort\.json: timed with another statistic \(mean of 50 runs\)"):
+        profile(_tiny(), HOST, out, grid=_grid([8], [8]), progress=False)
+    with pytest.raises(ConfigError, match="--rpc: RPC profiling times TVM modules only"):
+        profile(_tiny(), HOST, tmp_path / "b.json", rpc=("127.0.0.1", 9190, "k"), progress=False)
+    with pytest.raises(ConfigError, match="--tune-trials 4: tuning applies to TVM tables"):
+        profile(_tiny(), HOST, tmp_path / "c.json", tune_trials=4, progress=False)
+    with pytest.raises(ConfigError, match="--runtime: must be one of tvm, onnxruntime, got 'tflite'"):
+        profile(_tiny(), HOST, tmp_path / "d.json", runtime="tflite", progress=False)
+    with pytest.raises(ConfigError, match="onnxruntime profiling supports fp32 only"):
+        onnx_layer_model(LayerKey.parse("conv2d k3x3 s1x1 dense 8x8->8x8 fp16"), 2, 2)
+    assert not any((tmp_path / n).exists() for n in ("b.json", "c.json", "d.json"))
 
 
 CHILD = """
@@ -134,8 +195,8 @@ def logged(key, c_in, c_out, ms):
     with log.open("a") as f:
         f.write(f"{c_in} {c_out}\\n")
 key = LayerKey.parse("conv2d k3x3 s1x1 dense 8x8->8x8 fp32")
-profile(STRUCTURE, get_target("host"), out, grid={key: ([2, 4, 6, 8], [2, 4, 6, 8])}, progress=False,
-        on_measure=logged)
+profile(STRUCTURE, get_target("host"), out, grid={key: ([2, 4, 6, 8], [2, 4, 6, 8])}, runtime="tvm",
+        progress=False, on_measure=logged)
 """
 
 
@@ -161,6 +222,7 @@ def test_resume_after_sigkill_repeats_and_loses_no_measurement(tmp_path):
         HOST,
         out,
         grid=_grid([2, 4, 6, 8], [2, 4, 6, 8]),
+        runtime="tvm",
         progress=False,
         on_measure=lambda k, ci, co, ms: again.append((ci, co)),
     )
@@ -192,13 +254,20 @@ def test_profile_over_loopback_rpc_matches_the_grid(tracker, tmp_path):
         _wait_servers(tracker, "ec-test", 1)
         out = tmp_path / "rpc.json"
         table = profile(
-            _tiny(), HOST, out, grid=_grid([8], [2, 8]), rpc=(*tracker, "ec-test"), progress=False
+            _tiny(),
+            HOST,
+            out,
+            grid=_grid([8], [2, 8]),
+            rpc=(*tracker, "ec-test"),
+            runtime="tvm",
+            progress=False,
         )
     finally:
         server.terminate()
     entry = table.entries[CONV]
     assert all(v is not None and v > 0 for v in entry.ms[0])
-    assert "over RPC (key 'ec-test')" in LatencyTable.load(out).provenance["runtime"]
+    loaded = LatencyTable.load(out)
+    assert loaded.runtime == "tvm" and loaded.provenance["where"] == "over RPC (key 'ec-test')"
 
 
 @pytest.mark.slow
@@ -219,6 +288,7 @@ def test_rpc_jobs_survive_a_killed_server(tracker, tmp_path):
             tmp_path / "t.json",
             grid=_grid([2, 4, 8], [2, 8]),
             rpc=(*tracker, "ec-kill"),
+            runtime="tvm",
             progress=False,
             on_measure=kill_first,
         )
@@ -243,11 +313,18 @@ def test_unreachable_tracker_and_unknown_key_fail_fast_in_one_line(tracker, tmp_
             tmp_path / "a.json",
             grid=_grid([8], [8]),
             rpc=("127.0.0.1", port, "k"),
+            runtime="tvm",
             progress=False,
         )
     with pytest.raises(ConfigError, match="no RPC server is registered under key 'nobody'"):
         profile(
-            _tiny(), HOST, tmp_path / "b.json", grid=_grid([8], [8]), rpc=(*tracker, "nobody"), progress=False
+            _tiny(),
+            HOST,
+            tmp_path / "b.json",
+            grid=_grid([8], [8]),
+            rpc=(*tracker, "nobody"),
+            runtime="tvm",
+            progress=False,
         )
     assert time.monotonic() - start < 15
     with pytest.raises(ConfigError, match="--rpc: expected HOST:PORT, got 'localhost'"):

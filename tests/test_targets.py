@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgecompact.errors import ConfigError
-from edgecompact.targets import TARGETS_DIR, get_target, list_targets, load_target_file
+from edgecompact.targets import TARGETS_DIR, Target, get_target, list_targets, load_target_file
 
 GOOD = """\
 name = "{name}"
@@ -49,6 +49,11 @@ def test_good_file_fields_are_read(tmp_path):
     assert (target.channel_multiple, target.precision, target.rpc_key) == (4, "fp16", "board")
     assert target.tvm_target == {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
     assert get_target(str(tmp_path / "board.toml")) == target
+    assert target.runtime == "tvm"  # the default when the key is absent
+    ort = load_target_file(_write(tmp_path, GOOD.replace("[constraints]", 'runtime = "onnxruntime"\n[constraints]')))
+    assert ort.runtime == "onnxruntime" and ort.to_dict()["runtime"] == "onnxruntime"
+    assert Target(**ort.to_dict()) == ort  # deploy manifests rebuild targets from to_dict
+    assert get_target("host").runtime == "onnxruntime"
 
 
 @pytest.mark.parametrize(
@@ -80,6 +85,8 @@ def test_missing_key_names_file_and_key(tmp_path, key):
         ("peak_gbps = 2.0", "peak_gbps = true", "peak_gbps"),
         ("channel_multiple = 4", "channel_multiple = 2.5", "constraints.channel_multiple"),
         ('precision = "fp16"', 'precision = "bf16"', "constraints.precision"),
+        ('rpc_key = "board"', 'rpc_key = "board"\nruntime = "tflite"', "runtime"),
+        ('rpc_key = "board"', 'rpc_key = "board"\nruntime = 1', "runtime"),
         ("peak_gbps = 2.0", "peak_gbps = 0", "peak_gbps"),
     ],
 )

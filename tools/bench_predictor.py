@@ -1,10 +1,15 @@
-"""Predictor accuracy: LatencyTable predictions vs whole-model TVM latency of random ResNet-20/32 ArchSpecs.
+"""Predictor accuracy: LatencyTable predictions vs whole-model latency of random ResNet-20/32 ArchSpecs.
 
 Each random architecture (every group's width uniform in [1/8, 1] of the baseline, off the table grid) is
-slimmed, exported to ONNX and compiled with the deploy path (edgecompact.deploy.artifact.compile_onnx, same
-tuning setting as the table), then timed on the host. A scale correction (measured = a * sum of layers) is
-fitted on the first half and judged on the held-out second half. Writes benchmarks/predictor.json/.md/.png.
-Run: python tools/bench_predictor.py --n 60 [--reuse] [--write-correction]
+slimmed and exported to ONNX (edgecompact.deploy.onnx.export_onnx), then timed whole on the host with the
+runtime its table measured, with the table's statistic (edgecompact.profiling.timed_ms) and thread count:
+- onnxruntime: a deploy-configured session (`edgecompact.profiling.time_onnx`);
+- tvm: compiled by the deploy path (edgecompact.deploy.artifact.compile_onnx, untuned like the table).
+A correction model_ms = scale * sum_of_layers + per_layer_ms * layers (a layer timed alone pays the
+runtime's per-call overhead, and its layout reorders, that a whole model pays once) is fitted on the first
+half by relative least squares and judged on the held-out second half, beside a scale-only fit.
+Writes benchmarks/predictor.json/.md/.png (onnxruntime) or predictor_tvm.* (tvm).
+Run: python tools/bench_predictor.py --runtime onnxruntime --n 60 [--reuse] [--write-correction]
 """
 
 from __future__ import annotations
@@ -26,115 +31,153 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
+PROFILES = ROOT / "profiles"
+# model@CxHxW=table: each setting's archs are predicted by its table (Fashion-MNIST runs resnet20 at 1x28x28)
+SETTINGS = {
+    "onnxruntime": "resnet20@3x32x32=profiles/host-fp32-resnet32.json,"
+    "resnet32@3x32x32=profiles/host-fp32-resnet32.json,resnet20@1x28x28=profiles/host-fp32-resnet20.json",
+    "tvm": "resnet20@3x32x32=profiles/host-fp32-resnet32-tvm.json,"
+    "resnet32@3x32x32=profiles/host-fp32-resnet32-tvm.json",
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="resnet20,resnet32")
-    ap.add_argument("--n", type=int, default=60, help="random architectures in all (split over --models)")
-    ap.add_argument("--table", type=Path, default=ROOT / "profiles" / "host-fp32-resnet32.json")
-    ap.add_argument("--runs", type=int, default=50, help="timed runs per model (median)")
-    ap.add_argument("--threads", type=int, default=1, help="TVM runtime threads (as used for the table)")
+    ap.add_argument("--runtime", choices=sorted(SETTINGS), default="onnxruntime")
+    ap.add_argument(
+        "--settings", help=f"model@CxHxW=table,... (default for the runtime, e.g. {SETTINGS['tvm']})"
+    )
+    ap.add_argument("--n", type=int, default=60, help="random architectures in all (split over the settings)")
+    ap.add_argument("--runs", type=int, default=50, help="single runs per model for measured_median_ms")
+    ap.add_argument("--threads", type=int, default=1, help="runtime threads (as used for the tables)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--reuse", action="store_true", help="reuse measurements in benchmarks/predictor.json")
-    ap.add_argument("--write-correction", action="store_true", help="store the fitted correction in --table")
+    ap.add_argument("--reuse", action="store_true", help="reuse measurements in the output JSON")
+    ap.add_argument(
+        "--write-correction", action="store_true", help="store the fitted correction in the tables"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
+    import onnxruntime
     import tvm
 
     from edgecompact.cost.latency import LatencyTable
-    from edgecompact.deploy.artifact import compile_onnx
-    from edgecompact.deploy.onnx import export_onnx
-    from edgecompact.deploy.tvm import set_num_threads, time_executable
-    from edgecompact.models import create_model, model_defaults
+    from edgecompact.deploy.bench import time_ort
+    from edgecompact.deploy.onnx import INPUT_NAME, export_onnx
+    from edgecompact.deploy.tvm import set_num_threads
+    from edgecompact.models import create_model
     from edgecompact.structure import analyze, keep_from_scores, slim
     from edgecompact.targets import get_target
 
     set_num_threads(args.threads)
     target = get_target("host")
-    table = LatencyTable.load(args.table, target)
-    models = args.models.split(",")
+    out = BENCH / ("predictor" if args.runtime == "onnxruntime" else f"predictor_{args.runtime}")
+    settings = []  # (label, model name, input shape, table)
+    tables: dict[str, LatencyTable] = {}
+    for item in (args.settings or SETTINGS[args.runtime]).split(","):
+        label, _, path = item.partition("=")
+        name, _, shape = label.partition("@")
+        c, h, w = (int(v) for v in shape.split("x"))
+        table = tables.setdefault(path, LatencyTable.load(ROOT / path, target))
+        if table.runtime != args.runtime:
+            sys.exit(f"{path}: measured with {table.runtime}, not {args.runtime}")
+        base = create_model(name, in_channels=c, input_size=h)
+        settings.append((label, base, analyze(base, (c, h, w), name), table))
     rng = random.Random(args.seed)
-    bases, structures = {}, {}
-    for name in models:
-        size = model_defaults(name).input_size
-        bases[name] = create_model(name)
-        structures[name] = analyze(bases[name], (3, size, size), name)
-    grid_widths = {c for e in table.entries.values() for c in e.c_out}
+    grid_widths = {c for t in tables.values() for e in t.entries.values() for c in e.c_out}
     archs = []
     while len(archs) < args.n:
-        name = models[len(archs) % len(models)]
-        widths = {g: rng.randint(max(1, -(-full // 8)), full) for g, full in structures[name].groups.items()}
+        label, _, s, _ = settings[len(archs) % len(settings)]
+        widths = {g: rng.randint(max(1, -(-full // 8)), full) for g, full in s.groups.items()}
         if all(w in grid_widths for w in widths.values()):
             continue  # not a grid architecture
-        archs.append({"model": name, "widths": widths})
+        archs.append((len(archs) % len(settings), {"model": s.model_name, "widths": widths}))
 
     old = {}
-    if args.reuse and (BENCH / "predictor.json").is_file():
-        for r in json.loads((BENCH / "predictor.json").read_text())["results"]:
+    if args.reuse and out.with_suffix(".json").is_file():
+        for r in json.loads(out.with_suffix(".json").read_text())["results"]:
             if "arch" in r:
-                old[json.dumps(r["arch"], sort_keys=True)] = (r["measured_ms"], r["measured_min_ms"])
-    ref = "measured_min_ms" if str(table.provenance.get("statistic", "")).startswith("min") else "measured_ms"
+                old[(r["setting"], json.dumps(r["arch"], sort_keys=True))] = (
+                    r["measured_ms"],
+                    r["measured_median_ms"],
+                )
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        for k, arch in enumerate(archs):
-            name, widths = arch["model"], arch["widths"]
-            s = structures[name]
-            measured = old.get(json.dumps(arch, sort_keys=True))
+        for k, (which, arch) in enumerate(archs):
+            label, base, s, table = settings[which]
+            widths = arch["widths"]
+            raw = table.predict(s, widths, corrected=False)
+            measured = old.get((label, json.dumps(arch, sort_keys=True)))
             if measured is None:
                 start = time.perf_counter()
-                model = slim(bases[name], s, keep_from_scores(s, widths))
                 onnx_path = Path(tmp) / f"{k}.onnx"
-                export_onnx(model, (1, *s.input_shape), onnx_path)
-                ex = compile_onnx(onnx_path, target)
+                export_onnx(slim(base, s, keep_from_scores(s, widths)), (1, *s.input_shape), onnx_path)
                 x = np.random.default_rng(k).standard_normal((1, *s.input_shape)).astype("float32")
-                runs = time_executable(ex, [x], number=1, repeat=args.runs)
-                measured = (statistics.median(runs), min(runs))
+                measured = _measure(args.runtime, onnx_path, x, INPUT_NAME, args, target, time_ort)
                 print(
-                    f"[{k + 1}/{len(archs)}] {name} measured {measured[0]:.2f} ms (min {measured[1]:.2f}), "
-                    "predicted "
-                    f"{table.predict(s, widths, corrected=False):.2f} ms "
-                    f"({time.perf_counter() - start:.0f} s)",
+                    f"[{k + 1}/{len(archs)}] {label} measured {measured[0]:.3f} ms (median "
+                    f"{measured[1]:.3f}), predicted {raw:.3f} ms ({time.perf_counter() - start:.0f} s)",
                     flush=True,
                 )
             records.append(
                 {
+                    "setting": label,
                     "arch": arch,
-                    "predicted_raw_ms": round(table.predict(s, widths, corrected=False), 4),
+                    "layers": sum(1 for layer in s.layers if layer.op != "batchnorm"),
+                    "predicted_raw_ms": round(raw, 4),
                     "measured_ms": round(measured[0], 4),
-                    "measured_min_ms": round(measured[1], 4),
+                    "measured_median_ms": round(measured[1], 4),
                 }
             )
             if k % 5 == 4:
-                _write(args, records, None, table, tvm.__version__, ref)
+                _write(out, args, records, None, tables, [tvm.__version__, onnxruntime.__version__])
 
     half = len(records) // 2
-    train = records[:half]
-    # A scale, not a least-squares line: the median ratio is robust to the load spikes of a shared CPU that
-    # dominate absolute errors (a fitted line on this data made held-out predictions worse).
-    a = float(np.median([r[ref] / r["predicted_raw_ms"] for r in train]))
+    train, test = records[:half], records[half:]
+    scale_only = float(np.median([r["measured_ms"] / r["predicted_raw_ms"] for r in train]))
+    # relative least squares: every row divided by its measurement, so small and large models weigh alike
+    a = np.array([[r["predicted_raw_ms"] / r["measured_ms"], r["layers"] / r["measured_ms"]] for r in train])
+    scale, per_layer = np.linalg.lstsq(a, np.ones(len(train)), rcond=None)[0]
     for k, r in enumerate(records):
-        r["predicted_ms"] = round(a * r["predicted_raw_ms"], 4)
+        r["predicted_scale_ms"] = round(scale_only * r["predicted_raw_ms"], 4)
+        r["predicted_ms"] = round(scale * r["predicted_raw_ms"] + per_layer * r["layers"], 4)
         r["split"] = "fit" if k < half else "held-out"
     correction = {
-        "scale": round(a, 6),
+        "scale": round(float(scale), 6),
+        "per_layer_ms": round(float(per_layer), 6),
         "offset_ms": 0.0,
-        "fitted_on": f"tools/bench_predictor.py: {len(train)} random ResNet-20/32 archs, "
-        f"{datetime.date.today().isoformat()}",
+        "fitted_on": f"tools/bench_predictor.py: {len(train)} random ResNet-20/32 archs "
+        f"({args.runtime}), {datetime.date.today().isoformat()}",
     }
-    test = records[half:]
-    helps = _summary(test, "predicted_ms", ref)["mape"] < _summary(test, "predicted_raw_ms", ref)["mape"]
+    helps = _summary(test, "predicted_ms")["mape"] < _summary(test, "predicted_raw_ms")["mape"]
     if args.write_correction:
-        table.correction = correction if helps else {"scale": 1.0, "offset_ms": 0.0, "fitted_on": None}
-        table.save(args.table)
-        print(f"{args.table}: correction {'written' if helps else 'not written (no held-out gain)'}")
-    _write(args, records, correction, table, tvm.__version__, ref)
-    _plot(records, BENCH / "predictor.png", table.label, ref)
+        for path, table in tables.items():
+            table.correction = correction if helps else {"scale": 1.0, "offset_ms": 0.0, "fitted_on": None}
+            table.save(ROOT / path)
+            print(f"{path}: correction {'written' if helps else 'not written (no held-out gain)'}")
+    _write(out, args, records, correction, tables, [tvm.__version__, onnxruntime.__version__])
+    _plot(records, out.with_suffix(".png"), args.runtime)
 
 
-def _summary(records: list[dict], key: str, ref: str) -> dict:
+def _measure(runtime: str, onnx_path: Path, x: np.ndarray, input_name: str, args, target, time_ort):
+    """(the tables' statistic, median of args.runs single runs) of the whole model, in ms."""
+    from edgecompact.profiling import time_onnx, timed_ms, tvm_runs
+
+    if runtime == "onnxruntime":
+        return (
+            time_onnx(onnx_path, {input_name: x}, args.threads),
+            time_ort(onnx_path, x, runs=args.runs, threads=args.threads),
+        )
+    from edgecompact.deploy.artifact import compile_onnx
+    from edgecompact.deploy.tvm import time_executable
+
+    ex = compile_onnx(onnx_path, target)
+    stat = timed_ms(tvm_runs(ex, [x]))
+    return stat, statistics.median(time_executable(ex, [x], number=1, repeat=args.runs))
+
+
+def _summary(records: list[dict], key: str, ref: str = "measured_ms") -> dict:
     err = [(r[key] - r[ref]) / r[ref] for r in records]
     return {
         "within_10pct": round(float(np.mean([abs(e) <= 0.10 for e in err])), 3),
@@ -145,74 +188,99 @@ def _summary(records: list[dict], key: str, ref: str) -> dict:
 
 
 def _write(
-    args: argparse.Namespace, records: list[dict], correction: dict | None, table, tvm_version: str, ref: str
+    out: Path, args: argparse.Namespace, records: list[dict], correction: dict | None, tables, versions
 ) -> None:
     import edgecompact
 
     results = list(records)
+    s = None
     if correction is not None:
         test = [r for r in records if r["split"] == "held-out"]
-        before, after = _summary(test, "predicted_raw_ms", ref), _summary(test, "predicted_ms", ref)
-        results.append(
-            {
-                "name": "summary",
-                "split": "held-out",
-                "measured": ref,
-                **after,
-                "before_correction": before,
-                "correction": correction,
-                "all_archs_uncorrected": _summary(records, "predicted_raw_ms", ref),
-                "held_out_corrected_vs_median": _summary(test, "predicted_ms", "measured_ms"),
-            }
-        )
+        s = {
+            "name": "summary",
+            "split": "held-out",
+            **_summary(test, "predicted_ms"),
+            "before_correction": _summary(test, "predicted_raw_ms"),
+            "scale_only": {
+                "scale": round(
+                    float(np.median([r["predicted_scale_ms"] / r["predicted_raw_ms"] for r in test])), 6
+                ),
+                **_summary(test, "predicted_scale_ms"),
+            },
+            "correction": correction,
+            "per_setting_held_out": {
+                label: {
+                    "before": _summary([r for r in test if r["setting"] == label], "predicted_raw_ms"),
+                    "after": _summary([r for r in test if r["setting"] == label], "predicted_ms"),
+                }
+                for label in dict.fromkeys(r["setting"] for r in test)
+            },
+            "held_out_corrected_vs_median": _summary(test, "predicted_ms", "measured_median_ms"),
+        }
+        results.append(s)
+    stat = next(iter(tables.values())).provenance.get("statistic")
     doc = {
-        "benchmark": "predictor",
-        "command": "python " + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU; shared with other jobs",
+        "benchmark": "predictor" if args.runtime == "onnxruntime" else f"predictor_{args.runtime}",
+        "command": "python tools/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU; shared with two long benchmark "
+        "processes (one per core): timings are noisy, hence min-of-repeats statistics",
         "date": datetime.date.today().isoformat(),
         "versions": {
             "edgecompact": edgecompact.__version__,
             "torch": torch.__version__.split("+")[0],
-            "tvm": tvm_version,
+            "tvm": versions[0],
+            "onnxruntime": versions[1],
         },
-        "protocol": f"{len(records)} random ArchSpecs of {args.models} (each group uniform in [1/8, 1] of "
-        f"its width), host, TVM untuned={table.provenance.get('tune_trials') == 0}, "
-        f"{args.threads} TVM thread(s), {args.runs} runs per model (measured_ms: median, measured_min_ms: "
-        f"min); predictions compared with {ref}, the table's statistic "
-        f"({table.provenance.get('statistic')}); "
-        f"table {table.label}; "
-        "correction fitted on the first half, judged on the held-out second half",
+        "protocol": f"{len(records)} random ArchSpecs (each group uniform in [1/8, 1] of its width, off the "
+        f"table grid) over settings {args.settings or SETTINGS[args.runtime]}; host, {args.runtime}, "
+        f"{args.threads} thread(s); measured_ms: the tables' statistic ({stat}), measured_median_ms: median "
+        f"of {args.runs} single runs; predictions judged against measured_ms; tables "
+        + ", ".join(f"{p} ({t.label})" for p, t in tables.items())
+        + "; correction fitted on the first half, judged on the held-out second half",
         "results": results,
     }
     BENCH.mkdir(exist_ok=True)
-    (BENCH / "predictor.json").write_text(json.dumps(doc, indent=1) + "\n")
-    if correction is None:
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    if s is None:
         return
-    s = results[-1]
-    before = s["before_correction"]
+    b, sc = s["before_correction"], s["scale_only"]
     rows = [
-        f"| uncorrected sum of layers | {before['within_10pct'] * 100:.0f}% | {before['mape']:.1f}% | "
-        + f"{before['mean_err_pct']:+.1f}% |",
-        f"| corrected ({correction['scale']:.3f} x sum) | "
-        + f"{s['within_10pct'] * 100:.0f}% | {s['mape']:.1f}% | {s['mean_err_pct']:+.1f}% |",
+        ("uncorrected sum of layers", b),
+        (f"scale only ({sc['scale']:.3f} x sum)", sc),
+        (
+            f"corrected ({correction['scale']:.3f} x sum {correction['per_layer_ms'] * 1e3:+.1f} us x layers)",
+            s,
+        ),
     ]
-    (BENCH / "predictor.md").write_text(
-        f"# Predictor accuracy\n\n`{doc['command']}` ({doc['date']}, TVM {tvm_version}).\n\n"
+    per = [
+        f"| {label} | {v['before']['n']} | {v['before']['within_10pct'] * 100:.0f}% / "
+        f"{v['after']['within_10pct'] * 100:.0f}% | {v['before']['mape']:.1f}% / {v['after']['mape']:.1f}% |"
+        for label, v in s["per_setting_held_out"].items()
+    ]
+    out.with_suffix(".md").write_text(
+        f"# Predictor accuracy ({args.runtime})\n\n`{doc['command']}` ({doc['date']}, {doc['machine']}).\n\n"
         f"{doc['protocol']}.\n\nHeld-out architectures: {s['n']}.\n\n"
         "| prediction | within +-10% | MAPE | mean error |\n|---|---|---|---|\n"
-        + "\n".join(rows)
-        + "\n\n![predicted vs measured](predictor.png)\n"
+        + "\n".join(
+            f"| {name} | {v['within_10pct'] * 100:.0f}% | {v['mape']:.1f}% | {v['mean_err_pct']:+.1f}% |"
+            for name, v in rows
+        )
+        + "\n\nPer setting (held-out, uncorrected / corrected):\n\n"
+        "| setting | n | within +-10% | MAPE |\n|---|---|---|---|\n"
+        + "\n".join(per)
+        + f"\n\n![predicted vs measured]({out.with_suffix('.png').name})\n"
     )
 
 
-def _plot(records: list[dict], path: Path, label: str, ref: str) -> None:
+def _plot(records: list[dict], path: Path, runtime: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
-    hi = max(max(r[ref], r["predicted_raw_ms"], r["predicted_ms"]) for r in records) * 1.05
+    hi = max(max(r["measured_ms"], r["predicted_raw_ms"], r["predicted_ms"]) for r in records) * 1.05
+    colors = dict(zip(dict.fromkeys(r["setting"] for r in records), ["tab:blue", "tab:orange", "tab:green"]))
     for ax, key, title in [
         (axes[0], "predicted_raw_ms", "sum of layers"),
         (axes[1], "predicted_ms", "corrected"),
@@ -221,18 +289,18 @@ def _plot(records: list[dict], path: Path, label: str, ref: str) -> None:
         ax.plot(line, line, "k-", lw=0.8)
         ax.fill_between(line, line * 0.9, line * 1.1, color="0.85", label="+-10%")
         for split, marker in [("fit", "o"), ("held-out", "^")]:
-            for model, color in [("resnet20", "tab:blue"), ("resnet32", "tab:orange")]:
-                pts = [r for r in records if r["split"] == split and r["arch"]["model"] == model]
+            for setting, color in colors.items():
+                pts = [r for r in records if r["split"] == split and r["setting"] == setting]
                 ax.scatter(
-                    [r[ref] for r in pts],
+                    [r["measured_ms"] for r in pts],
                     [r[key] for r in pts],
                     s=18,
                     marker=marker,
                     c=color,
-                    label=f"{model} ({split})",
+                    label=f"{setting} ({split})",
                 )
-        ax.set(title=title, xlabel=f"measured whole model, {ref} (ms)", xlim=(0, hi), ylim=(0, hi))
-    axes[0].set_ylabel(f"predicted (ms), table: {label}")
+        ax.set(title=title, xlabel=f"measured whole model, {runtime} (ms)", xlim=(0, hi), ylim=(0, hi))
+    axes[0].set_ylabel("predicted from the per-layer table (ms)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
