@@ -236,7 +236,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
             raise ConfigError("--key: required with --rpc (the target has no rpc_key)")
         rpc = (*parse_address(args.rpc), key)
     etvm.set_num_threads(args.threads)
-    table = profiling.profile(structure, target, out, rpc=rpc, tune_trials=args.tune_trials)
+    table = profiling.profile(structure, target, out, rpc=rpc, runtime=args.runtime, threads=args.threads,
+                              tune_trials=args.tune_trials)
     ms = table.predict(structure, structure.baseline_widths())
     print(f"{out}: {len(table.entries)} layer kinds; baseline {ms:.3f} ms predicted ({table.label})")
     return 0
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc", default=None, help="tracker HOST:PORT: measure on the boards registered under --key")
     p.add_argument("--key", default=None, help="RPC key (default: the target's rpc_key)")
     p.add_argument("--out", default=None, help="default: profiles/<target>-<precision>-<model>.json")
+    p.add_argument("--runtime", choices=["tvm", "onnxruntime"], default=None,
+                   help="default: the target's runtime (host: onnxruntime)")
     p.add_argument("--tune-trials", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(fn=cmd_profile)

@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=50, help="single runs per model for measured_median_ms")
     ap.add_argument("--threads", type=int, default=1, help="runtime threads (as used for the tables)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="benchmarks/ file stem (default predictor, or predictor_<runtime>)")
     ap.add_argument("--reuse", action="store_true", help="reuse measurements in the output JSON")
     ap.add_argument(
         "--write-correction", action="store_true", help="store the fitted correction in the tables"
@@ -72,7 +73,9 @@ def main() -> None:
 
     set_num_threads(args.threads)
     target = get_target("host")
-    out = BENCH / ("predictor" if args.runtime == "onnxruntime" else f"predictor_{args.runtime}")
+    out = BENCH / (
+        args.out or ("predictor" if args.runtime == "onnxruntime" else f"predictor_{args.runtime}")
+    )
     settings = []  # (label, model name, input shape, table)
     tables: dict[str, LatencyTable] = {}
     for item in (args.settings or SETTINGS[args.runtime]).split(","):
@@ -89,7 +92,8 @@ def main() -> None:
     archs = []
     while len(archs) < args.n:
         label, _, s, _ = settings[len(archs) % len(settings)]
-        widths = {g: rng.randint(max(1, -(-full // 8)), full) for g, full in s.groups.items()}
+        m = int(settings[len(archs) % len(settings)][3].provenance.get("channel_multiple", 1))
+        widths = {g: m * rng.randint(max(1, -(-full // (8 * m))), full // m) for g, full in s.groups.items()}
         if all(w in grid_widths for w in widths.values()):
             continue  # not a grid architecture
         archs.append((len(archs) % len(settings), {"model": s.model_name, "widths": widths}))
@@ -220,7 +224,7 @@ def _write(
         results.append(s)
     stat = next(iter(tables.values())).provenance.get("statistic")
     doc = {
-        "benchmark": "predictor" if args.runtime == "onnxruntime" else f"predictor_{args.runtime}",
+        "benchmark": out.name,
         "command": "python tools/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU; shared with two long benchmark "
         "processes (one per core): timings are noisy, hence min-of-repeats statistics",
@@ -231,8 +235,9 @@ def _write(
             "tvm": versions[0],
             "onnxruntime": versions[1],
         },
-        "protocol": f"{len(records)} random ArchSpecs (each group uniform in [1/8, 1] of its width, off the "
-        f"table grid) over settings {args.settings or SETTINGS[args.runtime]}; host, {args.runtime}, "
+        "protocol": f"{len(records)} random ArchSpecs (each group uniform in [1/8, 1] of its width, in "
+        "multiples of its table's channel_multiple, not all on the table grid) over settings "
+        f"{args.settings or SETTINGS[args.runtime]}; host, {args.runtime}, "
         f"{args.threads} thread(s); measured_ms: the tables' statistic ({stat}), measured_median_ms: median "
         f"of {args.runs} single runs; predictions judged against measured_ms; tables "
         + ", ".join(f"{p} ({t.label})" for p, t in tables.items())

@@ -9,6 +9,7 @@ Run: python tools/bench_profile_cost.py --model resnet32 [--runtime onnxruntime|
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -30,6 +31,11 @@ def main() -> None:
     ap.add_argument("--runtime", choices=["tvm", "onnxruntime"], help="default: the target's runtime")
     ap.add_argument("--input-size", type=int, help="input HxW (default: the model's)")
     ap.add_argument("--in-channels", type=int, default=3, help="image channels (1 for Fashion-MNIST)")
+    ap.add_argument(
+        "--channel-multiple",
+        type=int,
+        help="grid widths in multiples of this (default: the target's constraint)",
+    )
     ap.add_argument("--tune-trials", type=int, default=0, help="TVM only")
     ap.add_argument(
         "--threads",
@@ -57,6 +63,8 @@ def main() -> None:
 
     set_num_threads(args.threads)
     target = get_target(args.target)
+    if args.channel_multiple:
+        target = dataclasses.replace(target, channel_multiple=args.channel_multiple)
     runtime = args.runtime or target.runtime
     size = args.input_size or model_defaults(args.model).input_size
     model = create_model(args.model, in_channels=args.in_channels, input_size=size)
@@ -75,11 +83,13 @@ def main() -> None:
     wall = time.perf_counter() - start
     points = sum(len(e.points()) for e in table.entries.values())
     record = {
-        "name": f"profile-{args.target}-{args.model}-{args.in_channels}x{size}x{size}-{runtime}",
+        "name": f"profile-{args.target}-{args.model}-{args.in_channels}x{size}x{size}-{runtime}"
+        f"-m{target.channel_multiple}",
         "model": args.model,
         "input": [args.in_channels, size, size],
         "target": args.target,
         "runtime": runtime,
+        "channel_multiple": target.channel_multiple,
         "layer_kinds": len(table.entries),
         "grid_points": points,
         "tune_trials": args.tune_trials if runtime == "tvm" else None,
@@ -125,6 +135,7 @@ def main() -> None:
     old.write_text(json.dumps(doc, indent=1) + "\n")
     rows = [
         f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['target']} | {r['runtime']} | "
+        f"{r.get('channel_multiple', 1)} | "
         f"{r['layer_kinds']} | {r['grid_points']} | {r.get('tune_trials', '')} | {r['threads']} | "
         f"{r['wall_s']} | {r['s_per_point']} | {r['goal_s']} | {'yes' if r['met'] else 'no'} | "
         f"{r['baseline_predicted_ms']} | `{r['command']}` |"
@@ -133,9 +144,9 @@ def main() -> None:
     (BENCH / "profile_cost.md").write_text(
         f"# Profile cost\n\nOn {doc['machine']} ({doc['date']}, TVM {tvm.__version__}, onnxruntime "
         f"{onnxruntime.__version__}). {doc['protocol']}.\n\n"
-        "| model | input | target | runtime | layer kinds | grid points | tune trials | threads | wall (s) | "
+        "| model | input | target | runtime | channel multiple | layer kinds | grid points | tune trials | threads | wall (s) | "
         "s/point | goal (s) | met | baseline predicted ms (sum of layers) | command |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
     print(json.dumps(record, indent=1))
 
