@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     results = load_previous(a.out, proto, a.fresh)
     slug = f"{a.dataset.split(':')[0]}-{a.model}-{a.input_size or 'native'}-{a.limit or 'all'}-e{a.epochs}-s{a.seed}"
     work = a.work_dir or ROOT / "runs" / "bench-methods" / slug
+    # the trained baseline (work/baseline.pt) is shared by every budget; each budget's method runs live apart so
+    # that their checkpoints are never resumed under another budget
+    method_root = work if (a.metric, a.budget) == ("flops", "0.33x") else work / f"{a.metric}-{a.budget}"
 
     def save() -> None:
         write_bench(a.out, bench_document("methods", command, proto, results))
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         if any(r["name"] == name for r in results):
             print(f"{name}: already in {a.out}, skipped", flush=True)
             continue
-        run_ctx = replace(ctx, run_dir=work / name, options=options.get(name, {}))
+        run_ctx = replace(ctx, run_dir=method_root / name, options=options.get(name, {}))
         try:
             res = run_method(name, run_ctx)
         except UserError as e:  # a method that cannot land on the budget says so; the others still run
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                "wall_s": m["wall_s"], "widths": res.arch.widths}
         if a.measure_runs:  # baseline and compact timed back to back in this process: their ratio is the speedup
             base_ms = _ort_ms(baseline, shape, work / "baseline.onnx", a)
-            comp_ms = _ort_ms(res.model, shape, work / name / "compact.onnx", a)
+            comp_ms = _ort_ms(res.model, shape, method_root / name / "compact.onnx", a)
             rec["latency_ms"][f"{target.name}-ort"] = round(comp_ms, 4)
             rec["measured_speedup"] = {f"{target.name}-ort": round(base_ms / comp_ms, 3)}
         results.append(rec)
