@@ -72,6 +72,14 @@ def markdown(doc: dict) -> str:
                  f"{r['params']:,}", f"{paper['params']:,}" if paper else "", str(diff.get("params", "")),
                  r.get("note", "")]
         lines.append("| " + " | ".join(cells) + " |")
+    trained = [r for r in doc["results"] if "top1" in r]
+    if trained:
+        lines += ["", "| model | dataset | input | train images | epochs | top-1 % | train s | s/epoch |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in trained:
+            lines.append(f"| {r['model']} | {r['dataset']} | {'x'.join(map(str, r['input_shape'][1:]))} | "
+                         f"{r['train_images']:,} | {r['epochs']} | {r['top1']} | {r['wall_s']} | "
+                         f"{r['seconds_per_epoch']} |")
     return "\n".join(lines) + "\n"
 
 
