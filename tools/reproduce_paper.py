@@ -1,8 +1,9 @@
 """Reproduce Shafiee et al. 2020 (every method at 1/3 of the baseline FLOPs) and the protocol it could not run.
 
 --scale cpu  : a CPU-sized stand-in for the CIFAR-10 row: ResNet-20 on a Fashion-MNIST subset (28x28), all
-               methods and controls at 1/3 FLOPs, then again at 1/3 of the baseline's host latency
-               (`--metric latency`, predicted by the host's latency table, and measured with onnxruntime).
+               methods and controls at 1/3 FLOPs, then again at 1/2 of the baseline's host latency
+               (`--metric latency`, predicted by the host's onnxruntime latency table, and measured; 1/3 is
+               below the smallest architecture's latency there).
 --scale full : the paper's protocol from user-supplied dataset paths (ResNet-32/CIFAR-10, ResNet-50/CIFAR-100,
                ResNet-50 and InceptionV3 on ImageNet64), on CUDA when present.
 
@@ -31,7 +32,10 @@ PAPER = {
 CPU_COMMON = ["--dataset", "fashion-mnist", "--model", "resnet20", "--input-size", "28", "--limit", "8000",
               "--epochs", "8", "--search-epochs", "2", "--finetune-epochs", "3", "--target", "host"]
 CPU = [("flops", CPU_COMMON + ["--out", str(BENCH / "methods.json")]),
-       ("latency", CPU_COMMON + ["--metric", "latency", "--out", str(BENCH / "methods_latency.json")])]
+       # 1/3 of the baseline's latency is below what onnxruntime can reach on this model (its smallest allowed
+       # architecture predicts 0.40x: per-layer overheads do not shrink with width), so the latency protocol uses 1/2
+       ("latency", CPU_COMMON + ["--metric", "latency", "--budget", "0.5x",
+                                 "--out", str(BENCH / "methods_latency.json")])]
 
 
 def full_protocols(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -61,8 +65,8 @@ def table(name: str, path: Path, paper: dict | None) -> list[str]:
     base = next((r for r in rows if r["name"] == "baseline"), None)
     lines = [f"## {name}", "", f"- command: `{doc['command']}`", f"- machine: {doc['machine']}, {doc['date']}",
              f"- protocol: {doc['protocol']}", "",
-             "| method | MFLOPs | params | top-1 % | drop (points) | budget error % | predicted ms | "
-             "measured ms (ORT) | measured speedup | paper top-1 % | paper drop |",
+             ("| method | MFLOPs | params | top-1 % | drop (points) | budget error % | predicted ms | "
+             "measured ms (ORT) | measured speedup | paper top-1 % | paper drop |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lat = r.get("latency_ms", {})
@@ -91,18 +95,19 @@ def main() -> None:
         if a.only and name != a.only:
             continue
         print(f"=== {name}: python tools/bench_methods.py {' '.join(args)}", flush=True)
-        r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_methods.py"), *args])
+        r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_methods.py"), *args], check=False)
         if r.returncode:
             sys.exit(f"error: protocol {name} failed (exit {r.returncode}); re-run to resume")
     lines = ["# paper_table", "",
-             "Our numbers beside Shafiee et al. 2020 (every method at 1/3 of the baseline FLOPs). The paper's rows are "
+             ("Our numbers beside Shafiee et al. 2020 (every method at 1/3 of the baseline FLOPs). The paper's rows are "
              "ResNet-32 on CIFAR-10 (Table 1) and ResNet-50 on CIFAR-100 (Table 2); no CIFAR or ImageNet exists on "
              "this machine, so `--scale cpu` stands in with ResNet-20 on a Fashion-MNIST subset: compare drops, not "
              "absolute top-1. Measured ms: onnxruntime, batch 1, baseline and compact timed back to back in one "
-             "process; predicted ms: the host's latency table, or its roofline estimate where the JSON says so.", ""]
+             "process; predicted ms: the host's latency table, or its roofline estimate where the JSON says so."), ""]
     if a.scale == "cpu":
         lines += table("1/3 FLOPs (stand-in for Table 1)", BENCH / "methods.json", PAPER["cifar10"])
-        lines += table("1/3 of the baseline's host latency (`--metric latency`; the paper could not run this)",
+        lines += table("1/2 of the baseline's predicted host latency (`--metric latency`; the paper could not run "
+                       "this; 1/3 is unreachable: the smallest allowed architecture predicts 0.40x)",
                        BENCH / "methods_latency.json", None)
     else:
         for name, args in protocols:
