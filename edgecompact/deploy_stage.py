@@ -14,6 +14,7 @@ from torch import nn
 from edgecompact.data import DataSplits
 from edgecompact.targets import Target
 
+BENCH_RUNS = 200  # batch-1 runs per runtime and model; baseline and compact are timed back to back
 EVAL_IMAGES = 500  # deployed-runtime accuracy is measured on this many test images (batch 1 through each runtime)
 
 
@@ -38,7 +39,8 @@ def deploy_run(run_dir: Path, records: list[dict], baseline: nn.Module, compact:
                log=print) -> dict:
     """Export both models under run_dir/deploy/<target>/ (the baseline's artifact may be shared through
     `baseline_dir`), time them in this process where the target runs here, and merge the latencies into
-    `records` (baseline first, compact second). Returns the bench document written to bench.json."""
+    `records` (baseline first, compact second), with the compact's speedup per runtime measured against the
+    baseline timed in the same process. Returns the bench document written to bench.json."""
     from edgecompact.deploy.bench import bench_artifacts
 
     root = Path(run_dir) / "deploy" / target.name
@@ -48,7 +50,8 @@ def deploy_run(run_dir: Path, records: list[dict], baseline: nn.Module, compact:
     _export(baseline, data, target, base_art, precision, tune_trials)
     _export(compact, data, target, root / "compact", precision, tune_trials)
     arts = [base_art, root / "compact"]
-    doc = bench_artifacts(arts, models={str(base_art): baseline, str(root / "compact"): compact}, write=True)
+    doc = bench_artifacts(arts, runs=BENCH_RUNS, models={str(base_art): baseline, str(root / "compact"): compact},
+                          write=True)
     for rec, res in zip(records, doc["results"]):
         rec.setdefault("latency_ms", {}).update(res.get("latency_ms", {}))
         manifest = json.loads((Path(res["artifact"]) / "manifest.json").read_text())
@@ -58,5 +61,8 @@ def deploy_run(run_dir: Path, records: list[dict], baseline: nn.Module, compact:
             rec["best_runtime"] = manifest["best_runtime"]
         if res.get("skipped"):
             rec["measured"] = res["skipped"]
+    base_lat, comp_lat = (r.get("latency_ms", {}) for r in doc["results"])
+    records[1]["measured_speedup"] = {k: round(base_lat[k] / comp_lat[k], 3) for k in comp_lat
+                                      if k in base_lat and comp_lat[k] > 0}
     (root / "bench.json").write_text(json.dumps(doc, indent=1))
     return doc

@@ -43,7 +43,7 @@ def versions() -> dict:
 def result_record(name: str, spec, metrics: dict, target: str, latency_source: str) -> dict:
     """One BENCHMARKS.md record from a method's metrics; the latency source is named next to a predicted ms."""
     rec = {"name": name, "model": spec.model, "dataset": spec.data.split(":")[0]}
-    for key in ("mflops", "params", "top1", "budget", "wall_s", "widths"):
+    for key in ("mflops", "params", "top1", "budget", "wall_s", "widths", "measured_speedup"):
         if key in metrics and not (name == "baseline" and key == "budget"):
             rec[key] = metrics[key]
     lat = dict(metrics.get("latency_ms", {}))
@@ -74,8 +74,13 @@ def _flat(rec: dict, baseline: dict | None) -> dict:
     if measured:
         key = min(measured, key=measured.get)
         row["measured_ms"] = f"{measured[key]:.3f} ({key})"
-        if baseline and key in baseline.get("latency_ms", {}):
-            row["speedup"] = f"{baseline['latency_ms'][key] / measured[key]:.2f}x"
+        paired = rec.get("measured_speedup", {})
+        if key in paired:  # measured against the baseline timed in the same process: the ratio to trust
+            row["speedup"] = f"{paired[key]:.2f}x"
+        elif rec is baseline:
+            row["speedup"] = "1.00x"
+        elif baseline and key in baseline.get("latency_ms", {}):
+            row["speedup"] = f"{baseline['latency_ms'][key] / measured[key]:.2f}x (other run)"
     return row
 
 

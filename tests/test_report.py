@@ -22,7 +22,8 @@ def _records():
          "top1": 98.3, "latency_ms": {"predicted": 0.4, "host-ort": 0.33}, "widths": widths},
         {"name": "uniform", "model": "resnet20", "dataset": "digits", "mflops": 6.6, "params": 90693, "top1": 98.0,
          "budget": {"metric": "flops", "target": 6.69, "achieved": 6.6, "error_pct": -1.3},
-         "latency_ms": {"predicted": 0.13, "host-ort": 0.22}, "widths": {"stem": 9, "layer2.0.conv1": 18}},
+         "latency_ms": {"predicted": 0.13, "host-ort": 0.22}, "measured_speedup": {"host-ort": 1.4},
+         "widths": {"stem": 9, "layer2.0.conv1": 18}},
     ]
 
 
@@ -32,7 +33,7 @@ def test_report_table_and_plots_from_run_reports(tmp_path):
     write_bench(run / "report.json", bench_document("search", "edgecompact search ...", "test", _records()))
     records = load_records([run])
     md = markdown_table(bench_document("report", "edgecompact report run", "test", records))
-    assert "| uniform | resnet20 | digits | 6.6 | 90693 | 98.0 | -1.3 | 0.13 | 0.220 (host-ort) | 1.50x |" in md
+    assert "| uniform | resnet20 | digits | 6.6 | 90693 | 98.0 | -1.3 | 0.13 | 0.220 (host-ort) | 1.40x |" in md  # paired, same-process ratio
     written = plot(records, tmp_path)
     assert {p.name for p in written} == {"accuracy_vs_mflops.png", "accuracy_vs_ms.png", "widths.png"}
     assert all(p.stat().st_size > 1000 for p in written)
