@@ -39,6 +39,32 @@ def median_ms(fn: Any, runs: int, warmup: int = 10) -> float:
     return float(np.median(times))
 
 
+def paired_median_ms(fn_a: Any, fn_b: Any, runs: int, warmup: int = 10) -> tuple[float, float]:
+    """Median ms of `fn_a()` and of `fn_b()`, their calls interleaved so that both see the same machine load:
+    on a shared machine the ratio of the two medians is then far steadier than two separate timings."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ta, tb = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn_a()
+        t1 = time.perf_counter()
+        fn_b()
+        t2 = time.perf_counter()
+        ta.append((t1 - t0) * 1e3)
+        tb.append((t2 - t1) * 1e3)
+    return float(np.median(ta)), float(np.median(tb))
+
+
+def time_ort_pair(path_a: Path, path_b: Path, x: np.ndarray, runs: int = MIN_RUNS,
+                  threads: int = 1) -> tuple[float, float]:
+    """onnxruntime median ms of two models (e.g. baseline and compact) on the same input, interleaved."""
+    sa, sb = eonnx.session(path_a, threads), eonnx.session(path_b, threads)
+    na, nb = sa.get_inputs()[0].name, sb.get_inputs()[0].name
+    return paired_median_ms(lambda: sa.run(None, {na: x}), lambda: sb.run(None, {nb: x}), runs)
+
+
 def time_torch(model: nn.Module, x: np.ndarray, runs: int = MIN_RUNS) -> float:
     """Median ms of torch eager inference (no_grad, eval) at the current torch thread count."""
     model = model.eval()
