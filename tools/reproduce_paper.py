@@ -102,7 +102,7 @@ def main() -> None:
              ("Our numbers beside Shafiee et al. 2020 (every method at 1/3 of the baseline FLOPs). The paper's rows are "
              "ResNet-32 on CIFAR-10 (Table 1) and ResNet-50 on CIFAR-100 (Table 2); no CIFAR or ImageNet exists on "
              "this machine, so `--scale cpu` stands in with ResNet-20 on a Fashion-MNIST subset: compare drops, not "
-             "absolute top-1. Measured ms: onnxruntime, batch 1, baseline and compact timed back to back in one "
+             "absolute top-1. Measured ms: onnxruntime, batch 1, 1 thread, baseline and compact timed interleaved in one "
              "process; predicted ms: the host's latency table, or its roofline estimate where the JSON says so."), ""]
     if a.scale == "cpu":
         lines += table("1/3 FLOPs (stand-in for Table 1)", BENCH / "methods.json", PAPER["cifar10"])
