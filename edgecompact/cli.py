@@ -136,7 +136,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     records = load_records([Path(p) for p in args.runs])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = bench_document("report", " ".join(sys.argv), "collected from " + ", ".join(args.runs), records)
+    doc = bench_document("report", " ".join(["edgecompact", *sys.argv[1:]]), "collected from " + ", ".join(args.runs), records)
     write_bench(out / "report.json", doc)
     pngs = plot(records, out)
     print(markdown_table(doc))
