@@ -228,7 +228,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
         compact = load_compact(run_dir)[0]
         deploy_run(run_dir, records, model, compact, data, target, precision=precision,
                    tune_trials=spec.tune_trials, baseline_dir=baseline_artifact, log=log)
-    report = write_report(run_dir, records, command=" ".join(["edgecompact", *sys.argv[1:]]), protocol=_protocol(spec))
+    command = " ".join(["edgecompact", *sys.argv[1:]])
+    report = write_report(run_dir, records, command=command, protocol=_protocol(spec))
     return report
 
 
