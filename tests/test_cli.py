@@ -88,5 +88,10 @@ def test_search_on_digits_writes_a_run_directory_and_refuses_to_overwrite(tmp_pa
     # the same command again resumes (nothing retrained) and a different one is refused without --force
     r2 = run_cli(*args)
     assert r2.returncode == 0 and "already finished" in r2.stderr
-    r3 = run_cli(*[a if a != "0.5x" else "0.4x" for a in args])
+    other = [a if a != "0.5x" else "0.4x" for a in args]
+    r3 = run_cli(*other)
     assert_one_line_error(r3, "--out", "--force")
+    assert json.loads((out / "config.json").read_text())["budget"] == "0.5x"  # nothing was touched
+    r4 = run_cli(*other, "--force")
+    assert r4.returncode == 0, r4.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["budget"] == "0.4x"
