@@ -104,7 +104,7 @@ def test_shrink_lowers_the_resource_regularizer_most_where_channels_cost_most(ma
     gammas, kinds = group_gammas(model, ctx.structure)
     before = {g: v.detach().sum().item() for g, v in gammas.items()}
     weights = weight_fn(alive_widths(gammas, kinds, 1e-2))
-    g_before = float(regularizer_value(gammas, weights))
+    g_before = float(regularizer_value(gammas, weights).detach())
     lam = schedule_lambda(ctx, g_before, gammas, epochs=1)
     full = {g: list(range(w)) for g, w in ctx.structure.groups.items()}
     shrink(model, ctx, weight_fn, channel_masks(ctx.structure, full), lam, epochs=1, threshold=1e-2)
@@ -167,7 +167,9 @@ def test_latency_and_flop_weights_rank_groups_oppositely_when_the_table_says_so(
 def test_morphnet_latency_lands_on_a_latency_budget(make_context) -> None:
     from edgecompact.targets import get_target
 
-    ctx = make_context(parse_budget("0.5x", metric="latency"), target=get_target("host"))
+    # rpi4 has no measured table here: its labelled roofline estimate is the latency model, independent of this
+    # machine's measured host tables (on those, half of a 16x16 ResNet-20's latency is below the reachable floor)
+    ctx = make_context(parse_budget("0.5x", metric="latency"), target=get_target("rpi4"))
     res = run_method("morphnet-latency", ctx)
     assert abs(ctx.latency(res.arch.widths) / ctx.target_cost - 1) <= ctx.budget.tolerance
     assert res.history[0]["resource"].startswith("latency")
