@@ -124,7 +124,12 @@ def cmd_search(args: argparse.Namespace) -> int:
                       options=_parse_options(args.set))
     name = args.model.split(":")[-1].replace("/", "_")
     out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{args.method}-{name}")
-    doc = run_search(spec, out, force=args.force, deploy=not args.no_deploy, log=_log)
+    if args.rpc:
+        from edgecompact.rpc import parse_address
+
+        parse_address(args.rpc)  # a malformed HOST:PORT fails before any training
+    doc = run_search(spec, out, force=args.force, deploy=not args.no_deploy, rpc_tracker=args.rpc,
+                     rpc_key=args.key, log=_log)
     print(markdown_table(doc))
     print(f"run directory: {out}")
     return 0
@@ -308,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a run directory holding a different run")
     p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per task for the deployed "
                    "models (0: untuned TVM)")
+    p.add_argument("--rpc", default=None, help="tracker HOST:PORT: measure the deployed models on the board")
+    p.add_argument("--key", default=None, help="RPC key (default: the target's rpc_key)")
     p.add_argument("--no-deploy", action="store_true")
     p.set_defaults(fn=cmd_search)
 

@@ -37,9 +37,10 @@ def _export(model: nn.Module, data: DataSplits, target: Target, out: Path, preci
 
 def deploy_run(run_dir: Path, records: list[dict], baseline: nn.Module, compact: nn.Module, data: DataSplits,
                target: Target, *, precision: str = "fp32", tune_trials: int = 0, baseline_dir: Path | None = None,
-               log=print) -> dict:
+               rpc_tracker: str | None = None, rpc_key: str | None = None, log=print) -> dict:
     """Export both models under run_dir/deploy/<target>/ (the baseline's artifact may be shared through
-    `baseline_dir`), time them in this process where the target runs here, and merge the latencies into
+    `baseline_dir`), time them in this process where the target runs here (or on the board behind the RPC
+    tracker `rpc_tracker`, HOST:PORT, under `rpc_key`), and merge the latencies into
     `records` (baseline first, compact second), with the compact's speedup per runtime measured against the
     baseline timed in the same process. Returns the bench document written to bench.json."""
     from edgecompact.deploy.bench import bench_artifacts
@@ -52,7 +53,7 @@ def deploy_run(run_dir: Path, records: list[dict], baseline: nn.Module, compact:
     _export(compact, data, target, root / "compact", precision, tune_trials)
     arts = [base_art, root / "compact"]
     doc = bench_artifacts(arts, runs=BENCH_RUNS, models={str(base_art): baseline, str(root / "compact"): compact},
-                          write=True)
+                          rpc_tracker=rpc_tracker, rpc_key=rpc_key, write=True)
     for rec, res in zip(records, doc["results"]):
         rec.setdefault("latency_ms", {}).update(res.get("latency_ms", {}))
         manifest = json.loads((Path(res["artifact"]) / "manifest.json").read_text())

@@ -173,7 +173,8 @@ def train_baseline(model: nn.Module, data: DataSplits, cfg: TrainConfig, run_dir
 
 
 def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: bool = True,
-               baseline_artifact: Path | None = None, log=print) -> dict:
+               baseline_artifact: Path | None = None, rpc_tracker: str | None = None, rpc_key: str | None = None,
+               log=print) -> dict:
     """`edgecompact search`: baseline -> method -> compact model, arch.json, report.json/md (and deploy)."""
     from edgecompact.data import load_dataset
     from edgecompact.methods.base import get_method, run_method
@@ -227,7 +228,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
 
         compact = load_compact(run_dir)[0]
         deploy_run(run_dir, records, model, compact, data, target, precision=precision,
-                   tune_trials=spec.tune_trials, baseline_dir=baseline_artifact, log=log)
+                   tune_trials=spec.tune_trials, baseline_dir=baseline_artifact, rpc_tracker=rpc_tracker,
+                   rpc_key=rpc_key, log=log)
     command = " ".join(["edgecompact", *sys.argv[1:]])
     report = write_report(run_dir, records, command=command, protocol=_protocol(spec))
     return report

@@ -45,6 +45,8 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None
     (["search", "--model", "resnet20", "--method", "uniform", "--budget", "0.01x", "--channel-multiple", "16",
       "--no-deploy", "--out", "/tmp/edgecompact-unreachable"], ["unreachable"]),
     (["export", "/tmp", "--target", "host"], ["not a run directory"]),
+    (["search", "--model", "resnet20", "--method", "uniform", "--target", "rpi4", "--rpc", "nonsense"],
+     ["--rpc", "nonsense"]),
     (["flops", "inception_v3_imagenet64", "--input-size", "8"], ["too small", "inception_v3_imagenet64"]),
 ])
 def test_user_mistakes_get_one_line_and_nonzero_exit(args, needles):
