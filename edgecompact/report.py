@@ -98,6 +98,9 @@ def markdown_table(doc: dict) -> str:
     sources = sorted({r["latency_source"] for r in results if "latency_source" in r})
     if sources:
         lines += ["", "Predicted latency from: " + "; ".join(sources)]
+    skipped = sorted({str(r["measured"]) for r in results if r.get("measured")})
+    if skipped:
+        lines += ["", "Not measured: " + "; ".join(skipped)]
     return "\n".join(lines) + "\n"
 
 
