@@ -91,16 +91,13 @@ def test_layer_module_computes_the_layer_as_torch_does(key, c_in, c_out):
 @pytest.mark.parametrize("runtime", ["tvm", "onnxruntime"])
 def test_profile_fills_the_grid_and_a_rerun_measures_nothing(tmp_path, runtime):
     out = tmp_path / "t.json"
+
+    def run(record: list) -> None:
+        profile(_tiny(), HOST, out, grid=_grid([2, 8], [2, 8]), runtime=runtime, progress=False,
+                on_measure=lambda *a: record.append(a[:3]))
+
     seen = []
-    profile(
-        _tiny(),
-        HOST,
-        out,
-        grid=_grid([2, 8], [2, 8]),
-        runtime=runtime,
-        progress=False,
-        on_measure=lambda *a: seen.append(a[:3]),
-    )
+    run(seen)
     assert sorted((c, o) for _, c, o in seen) == [(2, 2), (2, 8), (8, 2), (8, 8)]
     loaded = LatencyTable.load(out, HOST)
     assert loaded.provenance["source"] == "measured" and loaded.runtime == runtime
@@ -115,15 +112,7 @@ def test_profile_fills_the_grid_and_a_rerun_measures_nothing(tmp_path, runtime):
     assert ms[1][1] > ms[0][0]  # 16x the MACs cannot be faster
     assert loaded.predict(_tiny(), {"g": 8}) == pytest.approx(ms[1][1])
     again = []
-    profile(
-        _tiny(),
-        HOST,
-        out,
-        grid=_grid([2, 8], [2, 8]),
-        runtime=runtime,
-        progress=False,
-        on_measure=lambda *a: again.append(a),
-    )
+    run(again)
     assert again == []
     profile(
         _tiny(),
