@@ -87,7 +87,9 @@ def check_budget(budget: Budget, baseline_cost: float, min_cost: float) -> float
 
 
 def min_widths(structure: Structure, multiple: int = 1) -> dict[str, int]:
-    return {g: round_width(1, multiple, full) for g, full in structure.groups.items()}
+    """The narrowest architecture: one channel step per group, 0 where a residual block may be removed."""
+    return {g: 0 if structure.min_width(g) == 0 else round_width(1, multiple, full)
+            for g, full in structure.groups.items()}
 
 
 def uniform_widths(structure: Structure, ratio: float, multiple: int = 1) -> dict[str, int]:
@@ -122,7 +124,8 @@ def fit_to_budget(structure: Structure, scores: dict[str, torch.Tensor], cost: C
 
     Scores must be comparable across groups. Each group keeps its top channels in units of `multiple`; a
     global threshold over unit scores is bisected, then single units are added or removed (cheapest first)
-    until the cost is inside the tolerance. Returns kept channel indices per group.
+    until the cost is inside the tolerance. A droppable group (`structure.droppable`) whose first unit falls
+    below the threshold gets width 0: its residual block is removed. Returns kept channel indices per group.
     """
     ranked = {g: sorted(scores[g].detach().float().tolist(), reverse=True) for g in structure.groups}
     order = {g: torch.argsort(scores[g].detach().float(), descending=True, stable=True).tolist()
@@ -131,13 +134,12 @@ def fit_to_budget(structure: Structure, scores: dict[str, torch.Tensor], cost: C
 
     def widths_at(t: float) -> dict[str, int]:
         out = {}
-        for g, full in structure.groups.items():
+        for g in structure.groups:
             w = floor[g]
-            step = min(full, multiple)
-            while w + step <= full and ranked[g][w + step - 1] >= t:
-                w += step
+            while (nxt := _up(structure, g, w, multiple)) is not None and ranked[g][nxt - 1] >= t:
+                w = nxt
             out[g] = w
-        return out
+        return structure.apply_drops(out)
 
     thresholds = sorted({v for g in ranked for v in ranked[g]})
     lo, hi = 0, len(thresholds) - 1  # cost(widths_at(thresholds[i])) decreases with i
@@ -154,37 +156,60 @@ def fit_to_budget(structure: Structure, scores: dict[str, torch.Tensor], cost: C
 def _refine(structure: Structure, widths: dict[str, int], ranked: dict[str, list[float]], cost: CostFn,
             target: float, tolerance: float, multiple: int) -> dict[str, int]:
     """Add the best-scoring units while under the budget, then land inside the tolerance if a step allows it."""
-    widths = dict(widths)
+    widths = structure.apply_drops(widths)
     c = cost(widths)
     for _ in range(10_000):
         if within(c, target, tolerance):
             return widths
-        if c > target:  # remove the unit with the lowest score that is not a group's last
-            cands = [(ranked[g][w - 1], g) for g, w in widths.items()
-                     if w - _step(structure, g, multiple) >= 1 and structure.groups[g] > multiple]
+        if c > target:  # remove the unit with the lowest score that is not a group's last (unless droppable)
+            cands = [(ranked[g][w - 1], g) for g, w in widths.items() if _down(structure, g, w, multiple) is not None]
             if not cands:
                 break
             _, g = min(cands)
-            widths[g] -= _step(structure, g, multiple)
+            widths = structure.apply_drops(dict(widths, **{g: _down(structure, g, widths[g], multiple)}))
         else:  # add the best next unit whose cost still fits under the upper edge of the tolerance
             cands = []
             for g, w in widths.items():
-                step = _step(structure, g, multiple)
-                if w + step <= structure.groups[g] and structure.groups[g] > multiple:
-                    trial = dict(widths, **{g: w + step})
-                    ct = cost(trial)
-                    if ct <= target * (1 + tolerance):
-                        cands.append((ranked[g][w], -ct, g))
+                nxt = _up(structure, g, w, multiple)
+                if nxt is None or any(widths[o] == 0 for o in _siblings(structure, g) if o != g):
+                    continue
+                trial = dict(widths, **{g: nxt})
+                ct = cost(trial)
+                if ct <= target * (1 + tolerance):
+                    cands.append((ranked[g][w], -ct, g))
             if not cands:
                 break
             _, _, g = max(cands)
-            widths[g] += _step(structure, g, multiple)
+            widths[g] = _up(structure, g, widths[g], multiple)
         c = cost(widths)
     return widths
 
 
-def _step(structure: Structure, g: str, multiple: int) -> int:
-    return min(structure.groups[g], multiple)
+def _siblings(structure: Structure, g: str) -> list[str]:
+    block = structure.droppable.get(g)
+    return [o for o, b in structure.droppable.items() if b == block] if block else [g]
+
+
+def _up(structure: Structure, g: str, w: int, multiple: int) -> int | None:
+    """Width after adding one unit to group `g` at width `w`, or None when it is full."""
+    full = structure.groups[g]
+    if full == 0:
+        return None
+    if w == 0:
+        return round_width(1, multiple, full)
+    if full <= multiple or w + multiple > full:
+        return None
+    return w + multiple
+
+
+def _down(structure: Structure, g: str, w: int, multiple: int) -> int | None:
+    """Width after removing one unit from group `g` at width `w` (0 only if droppable), or None."""
+    if w == 0:
+        return None
+    full = structure.groups[g]
+    if full > multiple and w - multiple >= 1:
+        return w - multiple
+    return 0 if structure.min_width(g) == 0 else None
 
 
 def assert_within(budget_metric: str, achieved: float, target: float, tolerance: float) -> None:

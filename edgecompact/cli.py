@@ -119,8 +119,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                       tolerance=args.tolerance, target=args.target, input_size=args.input_size, limit=args.limit,
                       epochs=args.epochs, finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      channel_multiple=args.channel_multiple, precision=args.precision, profile=args.profile,
-                      tune_trials=args.tune_trials,
+                      channel_multiple=args.channel_multiple, drop_blocks=args.drop_blocks,
+                      precision=args.precision, profile=args.profile, tune_trials=args.tune_trials,
                       options=_parse_options(args.set))
     name = args.model.split(":")[-1].replace("/", "_")
     out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{args.method}-{name}")
@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--channel-multiple", type=int, default=None, help="default: the target's")
+    p.add_argument("--drop-blocks", action="store_true", help="depth pruning: let the search remove residual "
+                   "blocks whose inner channels all go (a removed block costs no conv at all)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None, help="default: the target's")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     p.add_argument("--out", default=None, help="run directory (default runs/<time>-<method>-<model>)")

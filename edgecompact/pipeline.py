@@ -48,13 +48,14 @@ def latency_model(structure: Structure, target, profile: Path | None = None):
 
 def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *, model_name: str = "model",
                   finetune: TrainConfig | None = None, search_epochs: int = 4, channel_multiple: int = 1,
-                  precision: str = "fp32", target=None, profile: Path | None = None, run_dir: Path | None = None,
+                  drop_blocks: bool = False, precision: str = "fp32", target=None, profile: Path | None = None, run_dir: Path | None = None,
                   seed: int = 0, options: dict | None = None, structure: Structure | None = None,
                   baseline_top1: float | None = None, log=print) -> SearchContext:
     """A SearchContext for `baseline` (already trained) on `data` under `budget` (a Budget or text like '0.33x')."""
     if isinstance(budget, str):
         budget = parse_budget(budget)
-    structure = structure or analyze(baseline, (data.in_channels, data.input_size, data.input_size), model_name)
+    structure = structure or analyze(baseline, (data.in_channels, data.input_size, data.input_size), model_name,
+                                     drop_blocks=drop_blocks)
     cost, flops, params, latency, target_cost, baseline_cost = _costs(structure, budget, target, profile,
                                                                       channel_multiple)
     finetune = finetune or TrainConfig()
@@ -117,6 +118,7 @@ class SearchSpec:
     lr: float = 0.05
     seed: int = 0
     channel_multiple: int | None = None  # None: the target's
+    drop_blocks: bool = False  # depth pruning: a residual block whose inner channels all go is removed
     precision: str | None = None  # None: the target's
     profile: str | None = None
     tune_trials: int = 0  # MetaSchedule trials per task when compiling the deployed models (0: untuned TVM)
@@ -129,9 +131,9 @@ def prepare_run_dir(run_dir: Path, spec: SearchSpec, force: bool) -> None:
     cfg_path = run_dir / "config.json"
     if run_dir.exists() and any(run_dir.iterdir()):
         if cfg_path.is_file():
-            try:
-                old = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError:
+            try:  # through SearchSpec, so that a run made before a new key was added still resumes
+                old = asdict(SearchSpec(**json.loads(cfg_path.read_text())))
+            except (json.JSONDecodeError, TypeError):
                 old = None
             if old == asdict(spec):
                 return  # same search: resume
@@ -190,7 +192,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     multiple = spec.channel_multiple or target.channel_multiple
     precision = spec.precision or target.precision
     profile = Path(spec.profile) if spec.profile else None
-    structure = analyze(model, (data.in_channels, data.input_size, data.input_size), spec.model)
+    structure = analyze(model, (data.in_channels, data.input_size, data.input_size), spec.model,
+                        drop_blocks=spec.drop_blocks)
     _costs(structure, budget, target, profile, multiple)  # an impossible budget fails before any training
     prepare_run_dir(run_dir, spec, force)
     cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed)

@@ -53,6 +53,9 @@ class Structure:
     input_shape: tuple[int, int, int]
     groups: dict[str, int]
     layers: list[Layer]
+    # depth pruning: group -> residual block it lies inside; these groups may take width 0 (the block's branch
+    # is then removed). Empty unless `analyze(..., drop_blocks=True)`.
+    droppable: dict[str, str] = field(default_factory=dict)
 
     def channels(self, widths: dict[str, int]) -> list[tuple[Layer, int, int]]:
         """(layer, c_in, c_out) of every layer when each group has the given width."""
@@ -70,7 +73,7 @@ class Structure:
 
     def to_dict(self) -> dict:
         return {"model_name": self.model_name, "input_shape": list(self.input_shape), "groups": self.groups,
-                "layers": [asdict(layer) for layer in self.layers]}
+                "layers": [asdict(layer) for layer in self.layers], "droppable": self.droppable}
 
     @classmethod
     def from_dict(cls, d: dict) -> Structure:
@@ -80,7 +83,30 @@ class Structure:
             for key in ("kernel", "stride", "in_hw", "out_hw"):
                 raw[key] = tuple(raw[key])
             layers.append(Layer(**raw))
-        return cls(d["model_name"], tuple(d["input_shape"]), dict(d["groups"]), layers)
+        return cls(d["model_name"], tuple(d["input_shape"]), dict(d["groups"]), layers, dict(d.get("droppable", {})))
+
+    def blocks(self) -> dict[str, list[str]]:
+        """Droppable residual block -> the groups inside it."""
+        out: dict[str, list[str]] = {}
+        for g, block in self.droppable.items():
+            out.setdefault(block, []).append(g)
+        return out
+
+    def min_width(self, group: str) -> int:
+        """0 for a group whose block may be removed, else 1."""
+        return 0 if group in self.droppable else 1
+
+    def apply_drops(self, widths: dict[str, int]) -> dict[str, int]:
+        """`widths` with every group of a block set to 0 once any group of that block is 0 (the block is gone)."""
+        out = dict(widths)
+        for groups in self.blocks().values():
+            if any(out[g] == 0 for g in groups):
+                for g in groups:
+                    out[g] = 0
+        return out
+
+    def dropped_blocks(self, widths: dict[str, int]) -> list[str]:
+        return [b for b, groups in self.blocks().items() if all(widths[g] == 0 for g in groups)]
 
 
 @dataclass
@@ -134,8 +160,13 @@ def _output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     return order[-1:]
 
 
-def analyze(model: nn.Module, input_shape: tuple[int, int, int], model_name: str = "model") -> Structure:
-    """Trace `model` on one input of `input_shape` (C, H, W) and return its channel groups and layers."""
+def analyze(model: nn.Module, input_shape: tuple[int, int, int], model_name: str = "model",
+            drop_blocks: bool = False) -> Structure:
+    """Trace `model` on one input of `input_shape` (C, H, W) and return its channel groups and layers.
+
+    With `drop_blocks`, groups lying wholly inside a residual block that can drop its branch (models/blocks.py)
+    are marked droppable: the search may then give them width 0 and remove the block's convolutions.
+    """
     input_shape = tuple(int(s) for s in input_shape)
     example = torch.randn(1, *input_shape)
     was_training = model.training
@@ -206,7 +237,28 @@ def analyze(model: nn.Module, input_shape: tuple[int, int, int], model_name: str
         layers = [_make_layer(m, names[m], shapes[m], out_group.get(m), in_slices.get(m, []), groups) for m in order]
     finally:
         model.train(was_training)
-    return Structure(model_name=model_name, input_shape=input_shape, groups=groups, layers=layers)
+    structure = Structure(model_name=model_name, input_shape=input_shape, groups=groups, layers=layers)
+    if drop_blocks:
+        structure.droppable = droppable_groups(model, structure)
+    return structure
+
+
+def droppable_groups(model: nn.Module, structure: Structure) -> dict[str, str]:
+    """Group -> name of the droppable residual block that produces and consumes it, and nothing outside it."""
+    blocks = [n for n, m in model.named_modules() if callable(getattr(m, "drop_branch", None)) and n]
+    touching: dict[str, set[str]] = {g: set() for g in structure.groups}
+    for layer in structure.layers:
+        if layer.out_group is not None:
+            touching[layer.out_group].add(layer.name)
+        for part in layer.in_parts:
+            if isinstance(part, str):
+                touching[part].add(layer.name)
+    out = {}
+    for g, names in touching.items():
+        inside = [b for b in blocks if names and all(n.startswith(b + ".") for n in names)]
+        if inside:
+            out[g] = max(inside, key=len)
+    return out
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -273,11 +325,14 @@ def check_widths(structure: Structure, widths: dict[str, int], channel_multiple:
     for g, full in structure.groups.items():
         if g not in widths:
             raise ConfigError(f"architecture has no width for group '{g}'")
-        w = widths[g]
-        if not 1 <= w <= full:
-            raise ConfigError(f"group '{g}': width {w} outside [1, {full}]")
+        w, lo = widths[g], structure.min_width(g)
+        if not lo <= w <= full:
+            raise ConfigError(f"group '{g}': width {w} outside [{lo}, {full}]")
         if channel_multiple > 1 and full > channel_multiple and w % channel_multiple:
             raise BudgetError(f"group '{g}': width {w} is not a multiple of {channel_multiple}")
+    for block, groups in structure.blocks().items():
+        if 0 < sum(widths[g] == 0 for g in groups) < len(groups):
+            raise ConfigError(f"block '{block}': groups {', '.join(groups)} must all be 0 (block removed) or none")
 
 
 def keep_from_scores(structure: Structure, widths: dict[str, int],
@@ -298,6 +353,16 @@ def keep_from_scores(structure: Structure, widths: dict[str, int],
 
 def _modules(model: nn.Module) -> dict[str, nn.Module]:
     return dict(model.named_modules())
+
+
+def _removed_branch_bias(mods: dict[str, nn.Module], layer: Layer) -> nn.Module | None:
+    """For a layer of a residual branch that was already removed: the ChannelBias left in place of the branch's
+    last BatchNorm when `layer` is that BatchNorm, else None (the layer is simply gone)."""
+    block, _, attr = layer.name.rpartition(".")
+    owner = mods.get(block)
+    if getattr(owner, "dropped", False) and attr == owner.TAIL_BN:
+        return owner.branch_bias
+    return None
 
 
 def _input_index(layer: Layer, structure: Structure, keep: dict[str, list[int]]) -> torch.Tensor:
@@ -333,8 +398,12 @@ def mask(model: nn.Module, structure: Structure, keep: dict[str, list[int]]) -> 
     for layer in structure.layers:
         if layer.out_group is None:
             continue
-        m = mods[layer.name]
         mk = masks[layer.out_group]
+        if layer.name not in mods:  # in a branch removed earlier
+            if (cb := _removed_branch_bias(mods, layer)) is not None:
+                cb.bias.mul_(mk.view(1, -1, 1, 1))
+            continue
+        m = mods[layer.name]
         shape = (-1,) + (1,) * (m.weight.dim() - 1)
         m.weight.mul_(mk.view(shape).to(m.weight.dtype))
         if getattr(m, "bias", None) is not None:
@@ -344,19 +413,38 @@ def mask(model: nn.Module, structure: Structure, keep: dict[str, list[int]]) -> 
 
 @torch.no_grad()
 def slim(model: nn.Module, structure: Structure, keep: dict[str, list[int]]) -> nn.Module:
-    """A physically smaller copy of `model` keeping channels `keep[g]` of each group, with inherited weights."""
+    """A physically smaller copy of `model` keeping channels `keep[g]` of each group, with inherited weights.
+
+    A residual block all of whose inner groups keep no channel loses its branch (`drop_branch`): its
+    convolutions are removed and the branch's constant output is kept as a per-channel bias.
+    """
+    droppable = droppable_groups(model, structure)
+    blocks: dict[str, list[str]] = {}
+    for g, b in droppable.items():
+        blocks.setdefault(b, []).append(g)
     for g, full in structure.groups.items():
         k = keep.get(g)
-        if not k:
+        if k is None or (not k and g not in droppable):
             raise ConfigError(f"architecture keeps no channel of group '{g}'")
-        if len(set(k)) != len(k) or min(k) < 0 or max(k) >= full:
+        if k and (len(set(k)) != len(k) or min(k) < 0 or max(k) >= full):
             raise ConfigError(f"group '{g}': kept channel indices must be distinct and in [0, {full})")
+    dropped = [b for b, gs in blocks.items() if not all(keep[g] for g in gs)]
+    for b in dropped:
+        if any(keep[g] for g in blocks[b]):
+            raise ConfigError(f"block '{b}': groups {', '.join(blocks[b])} must all keep no channel or all keep some")
+    gone = {g for b in dropped for g in blocks[b]}
     model = copy.deepcopy(model)
     mods = _modules(model)
     for layer in structure.layers:
-        m = mods[layer.name]
+        if layer.out_group in gone or (layer.in_parts and all(p in gone for p in layer.in_parts)):
+            continue  # inside a removed branch
         out_idx = (torch.tensor(sorted(keep[layer.out_group]), dtype=torch.long)
                    if layer.out_group is not None else None)
+        if layer.name not in mods:  # in a branch removed earlier: only its constant remains
+            if (cb := _removed_branch_bias(mods, layer)) is not None and out_idx is not None:
+                cb.bias = nn.Parameter(cb.bias.data[:, out_idx].clone())
+            continue
+        m = mods[layer.name]
         if layer.op == "batchnorm":
             if out_idx is None:
                 continue
@@ -383,6 +471,8 @@ def slim(model: nn.Module, structure: Structure, keep: dict[str, list[int]]) -> 
         m.weight = nn.Parameter(w.clone())
         if m.bias is not None:
             m.bias = nn.Parameter(m.bias.data.clone())
+    for b in dropped:
+        mods[b].drop_branch()
     return model
 
 

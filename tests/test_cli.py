@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "edgecompact.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "edgecompact.cli", *args], check=False, capture_output=True, text=True,
                           cwd=cwd or ROOT, timeout=timeout, env=env)
 
 

@@ -11,8 +11,8 @@ from edgecompact.pipeline import SearchSpec, run_search
 
 
 def _spec(method: str, **kw) -> SearchSpec:
-    base = dict(model="resnet20", data="digits", method=method, budget="0.33x", input_size=16, epochs=1,
-                search_epochs=1, finetune_epochs=1, batch_size=64, target="host")
+    base = {"model": "resnet20", "data": "digits", "method": method, "budget": "0.33x", "input_size": 16, "epochs": 1,
+                "search_epochs": 1, "finetune_epochs": 1, "batch_size": 64, "target": "host"}
     base.update(kw)
     return SearchSpec(**base)
 

@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="onnxruntime runs (batch 1, --threads threads) timing baseline and compact back to back; 0: off")
     p.add_argument("--remeasure", action="store_true", help="only re-time the finished results' ONNX files")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channel-multiple", type=int, default=1, help="every searched width a multiple of this")
+    p.add_argument("--drop-blocks", action="store_true", help="depth pruning: methods may remove residual blocks")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="baseline checkpoint and per-method run dirs (default runs/bench-methods/<protocol>)")
@@ -81,6 +83,10 @@ def protocol(a: argparse.Namespace, search_epochs: int, options: dict) -> str:
             f"lr {a.lr:g}; search {search_epochs} + fine-tune {a.finetune_epochs} epochs (lr {a.finetune_lr:g}, "
             f"batch {a.batch_size}; controls fine-tune search + fine-tune epochs); budget {a.metric} {a.budget}; "
             f"target {a.target}; onnxruntime {a.threads} thread(s), median of {a.measure_runs}; seed {a.seed}")
+    if a.channel_multiple > 1:
+        text += f"; channel multiple {a.channel_multiple}"
+    if a.drop_blocks:
+        text += "; residual blocks may be removed"
     if options:
         text += "; options " + json.dumps(options, sort_keys=True)
     return text
@@ -119,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     # the trained baseline (work/baseline.pt) is shared by every budget; each budget's method runs live apart so
     # that their checkpoints are never resumed under another budget
     method_root = work if (a.metric, a.budget) == ("flops", "0.33x") else work / f"{a.metric}-{a.budget}"
+    if a.channel_multiple > 1 or a.drop_blocks:
+        method_root = method_root / f"m{a.channel_multiple}{'-drop' if a.drop_blocks else ''}"
 
     def save() -> None:
         write_bench(a.out, bench_document("methods", command, proto, results))
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     finetune = TrainConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, batch_size=a.batch_size, seed=a.seed)
     target = get_target(a.target)
     ctx = build_context(baseline, data, parse_budget(a.budget, a.metric), profile=a.profile, model_name=a.model, finetune=finetune, search_epochs=search_epochs,
-                        seed=a.seed, target=target, log=lambda s: print(s, flush=True))
+                        channel_multiple=a.channel_multiple, drop_blocks=a.drop_blocks, seed=a.seed, target=target, log=lambda s: print(s, flush=True))
     shape = (1, data.in_channels, data.input_size, data.input_size)
     dataset = a.dataset.split(":")[0]
     if a.remeasure:

@@ -69,6 +69,8 @@ def layer_flops(layer: Layer, c_in: int, c_out: int) -> int:
     """FLOPs of one structure layer with `c_in` input and `c_out` output channels (a depthwise conv has one
     group per channel)."""
     if layer.op == "conv2d":
+        if not c_in or not c_out:  # removed with its residual block
+            return 0
         oh, ow = layer.out_hw
         kh, kw = layer.kernel
         return 2 * (c_in // _conv_groups(layer, c_out)) * c_out * kh * kw * oh * ow
@@ -83,6 +85,8 @@ def layer_params(layer: Layer, c_in: int, c_out: int) -> int:
     """Learned values of one structure layer at these widths (BatchNorm: weight and bias when affine)."""
     bias = c_out if layer.bias else 0
     if layer.op == "conv2d":
+        if not c_in or not c_out:
+            return 0
         kh, kw = layer.kernel
         return (c_in // _conv_groups(layer, c_out)) * c_out * kh * kw + bias
     if layer.op == "linear":
@@ -98,5 +102,15 @@ def arch_flops(structure: Structure, widths: dict[str, int]) -> int:
 
 
 def arch_params(structure: Structure, widths: dict[str, int]) -> int:
-    """Parameters of the architecture `structure` takes at these group widths, without building it."""
-    return sum(layer_params(layer, c_in, c_out) for layer, c_in, c_out in structure.channels(widths))
+    """Parameters of the architecture `structure` takes at these group widths, without building it.
+
+    A removed residual block keeps one constant per output channel in place of the BatchNorm that followed the
+    branch's last conv (now reading no channel)."""
+    total, prev_empty = 0, False
+    for layer, c_in, c_out in structure.channels(widths):
+        if layer.op == "batchnorm" and prev_empty:
+            total += c_out
+        else:
+            total += layer_params(layer, c_in, c_out)
+        prev_empty = layer.op == "conv2d" and c_in == 0 and c_out > 0
+    return total

@@ -189,10 +189,10 @@ class LatencyTable:
     def predict(self, structure: Structure, widths: dict[str, int], *, corrected: bool = True) -> float:
         """Predicted latency (ms) of `structure` at `widths`: the sum over conv and linear layers (BN folded),
         then the table's whole-model correction unless `corrected` is False."""
-        times = [
+        times = [  # a layer with no input or output channel is gone (a removed residual block)
             self.layer_ms(layer, c_in, c_out)
             for layer, c_in, c_out in structure.channels(widths)
-            if layer.op != "batchnorm"
+            if layer.op != "batchnorm" and c_in and c_out
         ]
         if not corrected:
             return sum(times)

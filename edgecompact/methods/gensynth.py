@@ -195,14 +195,16 @@ def contributions(inq: Inquisitor, model: nn.Module, structure: Structure) -> di
     increase when the channel is zeroed in all of its writers (clipped at 0).
     """
     mods = dict(model.named_modules())
-    writers = _writers(structure)
+    writers = {g: [n for n in ns if n in mods] for g, ns in _writers(structure).items()
+               if structure.groups[g]}  # a width-0 group's block (and a dropped block's BN) is gone
+    gone = {g: torch.zeros(0) for g, w in structure.groups.items() if not w}
     device = next(model.parameters()).device
     was = model.training
     model.eval()  # stimuli must not move BN statistics
     try:
         if inq.perturbation == "taylor":
-            return _taylor(model, mods, writers, inq.probes, device)
-        return _ablation(model, mods, writers, structure.groups, inq.probes, device)
+            return _taylor(model, mods, writers, inq.probes, device) | gone
+        return _ablation(model, mods, writers, structure.groups, inq.probes, device) | gone
     finally:
         model.train(was)
 

@@ -2,18 +2,21 @@
 
 Adapted to 64x64 input by dropping the stem's max-pool: the 7x7 stride-2 stem leaves 32x32 maps and the four
 stages run at 32/16/8/4. Among the usual adaptations this one comes closest to the paper's count (2,629 MFLOPs).
-Plain modules only: no training or pruning logic.
+Plain modules only: no training or pruning logic (blocks can drop their branch: models/blocks.py).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from edgecompact.models.blocks import DroppableResidual
 from edgecompact.models.registry import register_model
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(DroppableResidual):
     expansion = 4
+    BRANCH = ("conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "conv3", "bn3")
+    TAIL_BN = "bn3"
 
     def __init__(self, c_in: int, width: int, stride: int) -> None:
         super().__init__()
@@ -31,11 +34,13 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
         self.relu3 = nn.ReLU()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def branch(self, x: Tensor) -> Tensor:
         y = self.relu1(self.bn1(self.conv1(x)))
         y = self.relu2(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return self.relu3(y + self.downsample(x))
+        return self.bn3(self.conv3(y))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu3(self.add_branch(x, self.downsample(x)))
 
 
 class ResNet(nn.Module):

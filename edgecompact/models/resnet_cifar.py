@@ -3,7 +3,8 @@
 ResNet-20/32/56/110 and the paper's CIFAR-100 "ResNet-50" (n = 8: a 6n+2 basic-block net, the only CIFAR
 ResNet-50 reading whose counts come close to the paper's). Where a stage changes width, the shortcut is a
 projection conv + BN (option B) rather than option A's zero padding, which torch-pruning cannot trace; the
-`shortcut="conv3x3"` variant uses a 3x3 projection. Plain modules only: no training or pruning logic.
+`shortcut="conv3x3"` variant uses a 3x3 projection. Plain modules only: no training or
+pruning logic (blocks can drop their branch: models/blocks.py).
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from edgecompact.errors import ConfigError
+from edgecompact.models.blocks import DroppableResidual
 from edgecompact.models.registry import register_model
 
 SHORTCUTS = ("conv1x1", "conv3x3")
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(DroppableResidual):
+    BRANCH = ("conv1", "bn1", "relu1", "conv2", "bn2")
+    TAIL_BN = "bn2"
+
     def __init__(self, c_in: int, c_out: int, stride: int, shortcut: str) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
@@ -30,9 +35,11 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False), nn.BatchNorm2d(c_out))
         self.relu2 = nn.ReLU()
 
+    def branch(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+
     def forward(self, x: Tensor) -> Tensor:
-        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        return self.relu2(y + self.shortcut(x))
+        return self.relu2(self.add_branch(x, self.shortcut(x)))
 
 
 class CifarResNet(nn.Module):
