@@ -64,7 +64,7 @@ def run(artifact: Path, x: Any, *, repeat: int = 0) -> tuple[Any, list[float]]:
     """Run the artifact's TVM library on `x` (numpy). Returns the output and `repeat` latencies in ms."""
     hide_torch()
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine  # not tvm.relax: a board may have only the TVM runtime library
 
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
@@ -74,7 +74,7 @@ def run(artifact: Path, x: Any, *, repeat: int = 0) -> tuple[Any, list[float]]:
     if sha256(lib) != manifest["sha256"]:
         raise DeployError(f"{lib}: sha256 does not match manifest.json (corrupt or replaced library)")
     dev = tvm.device(manifest.get("device", "cpu"), 0)
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), dev)
+    vm = VirtualMachine(tvm.runtime.load_module(str(lib)), dev)
     inp = tvm.runtime.tensor(x, dev)
     out = vm["main"](inp)
     times = []
