@@ -1,8 +1,10 @@
-"""Deploy benchmark: a zoo baseline vs its uniformly thinned compact (1/3 FLOPs) on the host.
+"""Deploy benchmark: a zoo baseline vs its 1/3-FLOPs compact on the host.
 
-Exports both (ONNX verified against torch, MetaSchedule-tuned TVM build), then times torch eager, onnxruntime
-and TVM in this one process (batch 1, median of >= 50 runs, explicit thread counts). Writes
-benchmarks/deploy.json and benchmarks/deploy.md (format: ../shared/BENCHMARKS.md).
+The compact is uniformly thinned, or (`--arch-from BENCH.json:METHOD`) the architecture a method found in a
+methods benchmark (weights re-initialised: latency does not depend on them). Exports both (ONNX verified against
+torch, MetaSchedule-tuned TVM build), then times torch eager, onnxruntime and TVM in this one process (batch 1,
+median of >= 50 runs, explicit thread counts); speedups come from baseline and compact timed interleaved.
+Writes benchmarks/deploy.json and benchmarks/deploy.md (format: ../shared/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from edgecompact import __version__
 from edgecompact.budget import fit_uniform
 from edgecompact.cost.flops import arch_flops, module_flops, module_params
 from edgecompact.deploy.artifact import export_artifact
-from edgecompact.deploy.bench import bench_artifacts
+from edgecompact.deploy.bench import bench_artifacts, time_ort_pair, time_torch_pair, time_tvm_pair
+from edgecompact.deploy.tvm import default_db_dir
+from edgecompact.errors import ConfigError
 from edgecompact.models import create_model
 from edgecompact.structure import analyze, keep_from_scores, slim
 from edgecompact.targets import get_target
@@ -37,6 +41,9 @@ def main() -> None:
     ap.add_argument("--tune-trials", type=int, default=16, help="MetaSchedule trials per conv/matmul task")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--arch-from", default=None, metavar="BENCH.json:METHOD",
+                    help="take the compact's widths from a methods benchmark record (default: uniform thinning)")
+    ap.add_argument("--db", type=Path, default=None, help="tuning database (default: the host's shared one)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_deploy"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/deploy.json"))
     args = ap.parse_args()
@@ -47,13 +54,30 @@ def main() -> None:
     baseline = create_model(args.model, input_size=args.input_size).eval()
     structure = analyze(baseline, shape, args.model)
     base_flops = module_flops(baseline, shape)
-    widths = fit_uniform(structure, lambda w: arch_flops(structure, w), args.ratio * base_flops, 0.02)
-    compact = slim(baseline, structure, keep_from_scores(structure, widths)).eval()
+    if args.arch_from:
+        bench_path, _, method = args.arch_from.rpartition(":")
+        try:
+            doc = json.loads(Path(bench_path).read_text())
+            widths = next(r["widths"] for r in doc["results"] if r["name"] == method)
+        except (OSError, json.JSONDecodeError, KeyError, StopIteration) as e:
+            raise SystemExit(f"--arch-from {args.arch_from}: no widths for '{method}' ({type(e).__name__})") from None
+        if doc["results"][0].get("model") != args.model:
+            raise SystemExit(f"--arch-from {args.arch_from}: a {doc['results'][0].get('model')} benchmark, "
+                             f"not {args.model}")
+        structure = analyze(baseline, shape, args.model, drop_blocks=True)
+        compact_name = method
+    else:
+        widths = fit_uniform(structure, lambda w: arch_flops(structure, w), args.ratio * base_flops, 0.02)
+        compact_name = "uniform"
+    try:
+        compact = slim(baseline, structure, keep_from_scores(structure, widths)).eval()
+    except ConfigError as e:
+        raise SystemExit(f"--arch-from {args.arch_from}: {e}") from None
     target = get_target("host")
-    db = args.work / "tuning-db"
+    db = args.db or default_db_dir(target)
 
     records, models = [], {}
-    for name, model in (("baseline", baseline), ("uniform", compact)):
+    for name, model in (("baseline", baseline), (compact_name, compact)):
         t0 = time.perf_counter()
         manifest_path = export_artifact(model, (1, *shape), target, args.work / name, tune_trials=args.tune_trials,
                                         db_dir=db, threads=args.threads, runs=args.runs, overwrite=True)
@@ -69,8 +93,18 @@ def main() -> None:
     base, comp = records
     flop_ratio = base["mflops"] / comp["mflops"]
     summary = {"name": "summary", "flop_ratio": round(flop_ratio, 3)}
-    for key in base["latency_ms"]:
-        summary[f"speedup_{key}"] = round(base["latency_ms"][key] / comp["latency_ms"][key], 3)
+    # speedups from baseline and compact timed interleaved (a shared machine's load hits both alike)
+    x = torch.randn(1, *shape).numpy()
+    arts = [Path(r["artifact"]) for r in (base, comp)]
+    man = [json.loads((a / "manifest.json").read_text()) for a in arts]
+    pairs = {"host-ort": time_ort_pair(arts[0] / man[0]["onnx"], arts[1] / man[1]["onnx"], x, args.runs,
+                                       args.threads),
+             "host-tvm": time_tvm_pair(arts[0] / man[0]["library"], arts[1] / man[1]["library"], x, args.runs),
+             "host-torch": time_torch_pair(baseline, compact, x, args.runs)}
+    for key, (tb, tc) in pairs.items():
+        summary[f"paired_ms_{key}"] = [round(tb, 4), round(tc, 4)]
+        summary[f"speedup_{key}"] = round(tb / tc, 3)
+        summary[f"speedup_over_flop_ratio_{key}"] = round(tb / tc / flop_ratio, 3)
     records.append(summary)
 
     out = {
@@ -81,7 +115,8 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "versions": {"edgecompact": __version__, "torch": torch.__version__, "tvm": tvm.__version__,
                      "onnxruntime": onnxruntime.__version__},
-        "protocol": f"{args.model} baseline vs uniform compact at {args.ratio:.3f} FLOPs, batch 1, "
+        "protocol": f"{args.model} baseline vs {compact_name} compact at {comp['mflops'] / base['mflops']:.3f} "
+                    f"FLOPs{' (from ' + args.arch_from + ')' if args.arch_from else ''}, batch 1, "
                     f"{args.threads} thread(s) for torch/ORT/TVM, median of {args.runs} runs after warm-up, "
                     f"same process; TVM MetaSchedule {args.tune_trials} trials per conv/matmul task",
         "results": records,
@@ -96,8 +131,10 @@ def main() -> None:
         tuning_s = r["tuning"].get("summary", {}).get("tuning_s", "")
         lines.append(f"| {r['name']} | {r['mflops']} | {r['params']} | "
                      + " | ".join(f"{r['latency_ms'][k]:.3f}" for k in keys) + f" | {tuning_s} |")
-    lines.append(f"\nFLOP ratio {summary['flop_ratio']}; measured speedups: "
-                 + ", ".join(f"{k} {summary['speedup_' + k]}" for k in keys) + ".\n")
+    lines.append(f"\nFLOP ratio {summary['flop_ratio']}; measured speedups (baseline and compact interleaved, "
+                 f"median of {args.runs}): "
+                 + ", ".join(f"{k} {summary['speedup_' + k]} ({summary['speedup_over_flop_ratio_' + k]} x the FLOP "
+                             "ratio)" for k in pairs) + ".\n")
     args.out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -147,3 +147,25 @@ def bench_artifacts(paths: list[Path], *, runs: int = MIN_RUNS, threads: int = 1
             (art / "bench.json").write_text(json.dumps(rec, indent=1))
         results.append(rec)
     return {"results": results}
+
+
+def time_tvm_pair(lib_a: Path, lib_b: Path, x: np.ndarray, runs: int = MIN_RUNS,
+                  device: str = "cpu") -> tuple[float, float]:
+    """Local TVM median ms of two libraries (e.g. baseline and compact) on the same input, interleaved."""
+    dev = tvm.device(device, 0)
+    vms = [relax.VirtualMachine(tvm.runtime.load_module(str(lib)), dev) for lib in (lib_a, lib_b)]
+    inp = tvm.runtime.tensor(x, dev)
+
+    def call(vm: Any) -> Any:
+        return lambda: vm["main"](inp)
+
+    return paired_median_ms(call(vms[0]), call(vms[1]), runs)
+
+
+def time_torch_pair(model_a: nn.Module, model_b: nn.Module, x: np.ndarray,
+                    runs: int = MIN_RUNS) -> tuple[float, float]:
+    """torch eager median ms of two models on the same input, interleaved (no_grad, eval)."""
+    xt = torch.from_numpy(x)
+    a, b = model_a.eval(), model_b.eval()
+    with torch.no_grad():
+        return paired_median_ms(lambda: a(xt), lambda: b(xt), runs)
