@@ -4,6 +4,7 @@ and FLOP- vs latency-weighted channel costs."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,18 +12,24 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgecompact.budget import parse_budget
+from edgecompact.errors import ConfigError
 from edgecompact.methods import run_method
 from edgecompact.methods.morphnet import (
     alive_widths,
+    expand,
+    fit_floor,
     flop_weights,
     group_gammas,
+    histogram_alive,
     latency_weights,
+    morphnet_search,
     regularizer_value,
     resource_weights,
     schedule_lambda,
     shrink,
+    width_floor,
 )
-from edgecompact.structure import analyze, channel_masks
+from edgecompact.structure import analyze, channel_masks, slim
 
 torch.set_num_threads(1)
 
@@ -105,7 +112,7 @@ def test_shrink_lowers_the_resource_regularizer_most_where_channels_cost_most(ma
     before = {g: v.detach().sum().item() for g, v in gammas.items()}
     weights = weight_fn(alive_widths(gammas, kinds, 1e-2))
     g_before = float(regularizer_value(gammas, weights).detach())
-    lam = schedule_lambda(ctx, g_before, gammas, epochs=1)
+    lam = schedule_lambda(ctx, g_before, gammas, epochs=1, strength=1.0)  # strong: the effect shows in one epoch
     full = {g: list(range(w)) for g, w in ctx.structure.groups.items()}
     shrink(model, ctx, weight_fn, channel_masks(ctx.structure, full), lam, epochs=1, threshold=1e-2)
     gammas, _ = group_gammas(model, ctx.structure)
@@ -122,14 +129,22 @@ def _flops_of(model: nn.Module, shape: tuple[int, ...]) -> int:
 
 
 @pytest.mark.slow
-def test_morphnet_lands_on_a_flops_budget_within_two_percent(make_context) -> None:
-    ctx = make_context("0.33x", options={"iterations": 2})
+@pytest.mark.parametrize("controller", [False, True])
+def test_morphnet_lands_on_a_flops_budget_within_two_percent(make_context, controller) -> None:
+    ctx = make_context("0.33x", options={"iterations": 2, "controller": str(controller).lower()})
     res = run_method("morphnet", ctx)
     measured = _flops_of(res.model.eval(), ctx.structure.input_shape)  # torch's counter, not ours
     assert abs(measured / ctx.target_cost - 1) <= 0.02
     assert abs(measured / _flops_of(ctx.baseline, ctx.structure.input_shape) - 0.33) <= 0.33 * 0.02
-    rules = [h["lambda_rule"] for h in res.history[1:]]
-    assert rules == ["schedule", "controller"] and all(h["lambda"] > 0 for h in res.history[1:])
+    shrinks = res.history[1:]
+    rules = [h["lambda_rule"] for h in shrinks]
+    assert rules == ["schedule", "controller" if controller else "constant"] and all(h["lambda"] > 0 for h in shrinks)
+    if not controller:
+        assert shrinks[0]["lambda"] == shrinks[1]["lambda"]
+    head = res.history[0]  # the defaults, recorded: every returned width is at least min_fraction of its group
+    assert head["controller"] == controller and head["weights"] == "shrunk" and head["min_fraction"] == 0.4
+    for g, full in ctx.structure.groups.items():
+        assert res.arch.widths[g] >= math.ceil(0.4 * full) and head["floor"][g] == math.ceil(0.4 * full)
     assert res.metrics["top1"] > 20  # a working network (chance is 10 %); accuracy is the benchmark's business
 
 
@@ -173,3 +188,110 @@ def test_morphnet_latency_lands_on_a_latency_budget(make_context) -> None:
     res = run_method("morphnet-latency", ctx)
     assert abs(ctx.latency(res.arch.widths) / ctx.target_cost - 1) <= ctx.budget.tolerance
     assert res.history[0]["resource"].startswith("latency")
+
+
+# ---- width floor (`min_fraction`), lambda strength and the weights the fine-tune starts from ------------------
+
+
+def test_width_floor_by_hand(make_context) -> None:
+    structure = make_context().structure  # ResNet-20: groups of 16, 32 and 64 channels
+
+    def by_width(floor: dict[str, int]) -> dict[int, int]:
+        out: dict[int, set[int]] = {}
+        for g, w in floor.items():
+            out.setdefault(structure.groups[g], set()).add(w)
+        assert all(len(v) == 1 for v in out.values())  # one floor per baseline width
+        return {full: v.pop() for full, v in out.items()}
+
+    assert by_width(width_floor(structure, 0.4)) == {16: 7, 32: 13, 64: 26}  # ceil(6.4), ceil(12.8), ceil(25.6)
+    assert by_width(width_floor(structure, 0.4, 8)) == {16: 8, 32: 16, 64: 32}  # rounded up to a multiple of 8
+    assert by_width(width_floor(structure, 0.25)) == {16: 4, 32: 8, 64: 16}
+    assert by_width(width_floor(structure, 0.0)) == {16: 1, 32: 1, 64: 1}
+    assert by_width(width_floor(structure, 0.0, 8)) == {16: 8, 32: 8, 64: 8}
+
+
+def _collapsed_shrink(structure, seed: int):
+    """What a short FLOP-weighted shrink leaves: random |gamma|, the high-resolution first stage almost empty."""
+    g = torch.Generator().manual_seed(seed)
+    gammas = {k: torch.rand(full, generator=g) for k, full in structure.groups.items()}
+    alive = {k: (1 if k == "conv1" or k.startswith("layer1.") else int(torch.randint(1, full + 1, (1,), generator=g)))
+             for k, full in structure.groups.items()}
+    return gammas, alive
+
+
+@pytest.mark.parametrize("multiple", [1, 4, 8])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_expand_keeps_every_width_above_the_floor_and_lands_on_the_budget(make_context, multiple, seed) -> None:
+    ctx = make_context("0.33x", channel_multiple=multiple)
+    structure = ctx.structure
+    gammas, alive = _collapsed_shrink(structure, seed)
+    floor = width_floor(structure, 0.4, multiple)
+    keep, info = expand(structure, alive, gammas, ctx.cost, ctx.target_cost, 0.02, multiple, floor)
+    widths = {g: len(v) for g, v in keep.items()}
+    for g, full in structure.groups.items():
+        assert widths[g] >= max(math.ceil(0.4 * full), multiple) and widths[g] % multiple == 0
+        top = torch.argsort(gammas[g], descending=True)[:floor[g]].tolist()
+        assert set(top) <= set(keep[g])  # the floor's channels are the group's highest |gamma|
+    compact = slim(ctx.baseline, structure, keep).eval()
+    measured = _flops_of(compact, structure.input_shape)  # torch's counter on the slimmed model, not our cost
+    assert abs(measured / ctx.target_cost - 1) <= 0.02, info
+
+
+def test_expand_refinement_never_crosses_the_floor(make_context) -> None:
+    """A budget the uniform multiplier cannot land on alone: `fit_to_budget` refines, and still keeps the floor."""
+    ctx = make_context("0.33x", channel_multiple=8)
+    structure = ctx.structure
+    refined = 0
+    for seed in range(12):
+        gammas, alive = _collapsed_shrink(structure, seed)
+        floor = width_floor(structure, 0.4, 8)
+        keep, info = expand(structure, alive, gammas, ctx.cost, ctx.target_cost, 0.02, 8, floor)
+        refined += info["refined"]
+        assert all(len(keep[g]) >= floor[g] for g in structure.groups)
+        assert abs(_flops_of(slim(ctx.baseline, structure, keep).eval(), structure.input_shape)
+                   / ctx.target_cost - 1) <= 0.02
+    assert refined > 0  # the refinement path was exercised
+
+
+def test_histogram_alive_returns_floored_widths_under_the_goal(make_context) -> None:
+    ctx = make_context()
+    structure = ctx.structure
+    gammas, _ = _collapsed_shrink(structure, 0)
+    kinds = {g: "bn" for g in structure.groups}
+    goal = 0.75 * ctx.target_cost
+    floor = width_floor(structure, 0.4)
+    alive, cut = histogram_alive(gammas, kinds, ctx.cost, goal, 1e-2, floor)
+    raw = alive_widths(gammas, kinds, cut)
+    assert all(alive[g] == max(raw[g], floor[g]) for g in structure.groups)
+    assert ctx.cost(alive) <= goal
+
+
+def test_floor_too_costly_for_the_budget_is_lowered_to_fit(make_context) -> None:
+    ctx = make_context("0.1x")
+    goal = 0.75 * ctx.target_cost
+    assert ctx.cost(width_floor(ctx.structure, 0.4)) > goal  # 0.4 of every group alone is above 0.075x
+    floor, fraction = fit_floor(ctx.structure, ctx.cost, goal, 0.4)
+    assert 0 < fraction < 0.4 and ctx.cost(floor) <= goal
+    assert ctx.cost(width_floor(ctx.structure, fraction + 0.02)) > goal  # the largest fraction that fits
+
+
+@pytest.mark.parametrize("weights", ["shrunk", "baseline", "scratch"])
+def test_weights_option_picks_what_the_fine_tune_starts_from(make_context, weights) -> None:
+    ctx = make_context("0.33x", options={"iterations": 1, "weights": weights, "min_fraction": 0.25, "strength": 0.5})
+    proposal = morphnet_search(ctx, "flops")
+    base = ctx.baseline.state_dict()
+    same = all(torch.equal(v, base[k]) for k, v in proposal.source.state_dict().items())
+    assert same == (weights == "baseline") and proposal.from_scratch == (weights == "scratch")
+    head = proposal.history[0]
+    assert (head["weights"], head["min_fraction"], head["strength"]) == (weights, 0.25, 0.5)
+    floor = width_floor(ctx.structure, 0.25)
+    assert head["floor"] == floor and all(len(proposal.keep[g]) >= floor[g] for g in floor)
+
+
+def test_bad_morphnet_options_name_themselves(make_context) -> None:
+    with pytest.raises(ConfigError, match="weights"):
+        morphnet_search(make_context(options={"weights": "imagenet"}), "flops")
+    with pytest.raises(ConfigError, match="min_fraction"):
+        morphnet_search(make_context(options={"min_fraction": "1.5"}), "flops")
+    with pytest.raises(ConfigError, match="strength"):
+        morphnet_search(make_context(options={"strength": "0"}), "flops")
