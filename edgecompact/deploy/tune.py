@@ -46,6 +46,10 @@ from tvm.s_tir import meta_schedule as ms
 
 HEAVY_OPS = ("conv", "matmul", "dense")
 LEDGER = "tuned_tasks.json"  # {structural hash of a workload: most trials per task it was tuned with}
+# Candidates measured per search round of a task. Each round costs a fixed ~80-120 s here (evolutionary
+# search over 512 candidates, plus a fresh builder pool whose workers import TVM) against ~1 s per extra
+# candidate built and run, so a few large rounds reach more trials per task than many 16-candidate rounds.
+TRIALS_PER_ROUND = 64
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=str(db_dir),
             max_trials_global=args.trials_per_task * len(contexts), max_trials_per_task=args.trials_per_task,
-            num_trials_per_iter=min(16, args.trials_per_task),
+            num_trials_per_iter=min(TRIALS_PER_ROUND, args.trials_per_task),
             builder=ms.builder.LocalBuilder(max_workers=2, timeout_sec=300, initializer=init_worker),
             runner=ms.runner.LocalRunner(timeout_sec=120, initializer=init_worker),
             database=database,

@@ -1,0 +1,205 @@
+"""Per-operator benchmark: where tuned TVM loses to onnxruntime on one zoo model (batch 1, host CPU).
+
+Exports the model to ONNX (verified against torch), MetaSchedule-tunes it for the host into the per-target
+tuning database (tasks already tuned there with >= --tune-trials trials are reused), compiles it, then times
+every operator in both runtimes (edgecompact.deploy.opprofile: TVM kernel calls one by one with
+time_evaluator, onnxruntime nodes with its profiler), matches them by conv shape, and times both end to end,
+interleaved, at each --e2e-threads count. Writes benchmarks/operators.json and benchmarks/operators.md
+(format: ../shared/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import from_onnx
+
+from edgecompact import __version__
+from edgecompact.deploy import bench, opprofile
+from edgecompact.deploy import onnx as eonnx
+from edgecompact.deploy import tvm as etvm
+from edgecompact.models import create_model
+from edgecompact.targets import get_target
+
+
+def _row(t: opprofile.Op | None, o: opprofile.Op | None) -> dict[str, Any]:
+    op = t or o
+    assert op is not None
+    row: dict[str, Any] = {"name": op.describe(), "op": op.kind, "input": list(op.inputs), "output": list(op.output)}
+    if op.kernel:
+        row["kernel"] = list(op.kernel)
+    if t is not None:
+        row["tvm_op"], row["tvm_us"] = t.name, round(t.us, 2)
+    if o is not None:
+        row["ort_op"], row["ort_us"] = o.name, round(o.us, 2)
+    if t is not None and o is not None and o.us > 0:
+        row["ratio"] = round(t.us / o.us, 2)
+    return row
+
+
+def _end_to_end(vm: Any, sess: Any, x: np.ndarray, threads: int, runs: int, lib: Path) -> dict[str, Any]:
+    """Paired (interleaved) medians of TVM and onnxruntime at `threads` threads, plus TVM's time_evaluator."""
+    etvm.set_num_threads(threads)
+    dev = tvm.cpu()
+    inp = tvm.runtime.tensor(x, dev)
+    name = sess.get_inputs()[0].name
+    tvm_ms, ort_ms = bench.paired_median_ms(lambda: vm["main"](inp), lambda: sess.run(None, {name: x}), runs)
+    return {"name": f"end-to-end, {threads} thread(s)", "threads": threads, "runs": runs,
+            "latency_ms": {"host-tvm": round(tvm_ms, 4), "host-ort": round(ort_ms, 4),
+                           "host-tvm-time_evaluator": round(bench.time_tvm(lib, x, runs), 4)},
+            "tvm_over_ort": round(tvm_ms / ort_ms, 2)}
+
+
+def _markdown(out: dict[str, Any]) -> str:
+    rows = [r for r in out["results"] if "op" in r]
+    e2e = [r for r in out["results"] if r["name"].startswith("end-to-end")]
+    s = next(r for r in out["results"] if r["name"] == "summary")
+    tun = out["tuning"]
+    lines = [f"# operator benchmark: {out['model']}\n", f"{out['protocol']}\n", f"Machine: {out['machine']}.  ",
+             f"Command: `{out['command']}`.  ",
+             f"Tuning database `{tun['db']}`, {tun.get('tasks', '?')} conv/matmul tasks"
+             + (f", filled by {len(tun['tuning_run'].get('runs', [1]))} tuning run(s): "
+                f"{tun['tuning_run']['trials_per_task']}"
+                + (" trials per task" if isinstance(tun["tuning_run"]["trials_per_task"], int) else "")
+                + f", {tun['tuning_run']['trials']} trials, "
+                f"{tun['tuning_run']['tuning_s']} s of tuning in all (JSON: tuning.tuning_run)" if "tuning_run" in tun
+                else "")
+             + f"; this run: --tune-trials {tun['trials_per_task']}, tuned {tun.get('tuned_tasks', 0)} task(s) in "
+             f"{tun.get('tuning_s', 0)} s.\n",
+             "## End to end (median ms, TVM and onnxruntime calls interleaved)\n",
+             "| threads | TVM (ms) | ORT (ms) | TVM / ORT | TVM time_evaluator (ms) |", "|---|---|---|---|---|"]
+    for r in e2e:
+        lat = r["latency_ms"]
+        lines.append(f"| {r['threads']} | {lat['host-tvm']:.3f} | {lat['host-ort']:.3f} | {r['tvm_over_ort']} | "
+                     f"{lat['host-tvm-time_evaluator']:.3f} |")
+    lines += ["", (f"## Per operator ({s['threads']} thread(s); TVM: each kernel call timed alone; ORT: its "
+              "profiler; both medians, measured interleaved)\n"),
+              "| # | op | shape | TVM kernel | TVM (us) | ORT node | ORT (us) | TVM / ORT |",
+              "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        tvm_cells = f"{r['tvm_op']} | {r['tvm_us']:.1f}" if "tvm_us" in r else "- | -"
+        ort_cells = f"{r['ort_op'].removesuffix('_nchwc')} | {r['ort_us']:.1f}" if "ort_us" in r else "- | -"
+        lines.append(f"| {i} | {r['op']} | {r['name']} | {tvm_cells} | {ort_cells} | {r.get('ratio', '-')} |")
+    lines += ["", "| kind | count | TVM (us) | ORT (us) | TVM / ORT |", "|---|---|---|---|---|"]
+    for kind, k in s["by_kind"].items():
+        ratio = f"{k['tvm_us'] / k['ort_us']:.2f}" if k["ort_us"] and k["tvm_us"] else "-"
+        lines.append(f"| {kind} | {k['count']} | {k['tvm_us']:.1f} | {k['ort_us']:.1f} | {ratio} |")
+    lines.append(f"| **all** | {len(rows)} | {s['tvm_us']:.1f} | {s['ort_us']:.1f} | "
+                 f"{s['tvm_us'] / s['ort_us']:.2f} |")
+    lines += ["", (f"Sum of TVM kernels {s['tvm_us'] / 1e3:.3f} ms vs TVM end to end {s['tvm_evaluator_e2e_ms']:.3f} ms "
+              f"(time_evaluator, no Python): {s['tvm_vm_overhead_ms']:.3f} ms outside the kernels (VM, allocation, "
+              "builtins, cold caches). Sum of ORT nodes "
+              f"{s['ort_us'] / 1e3:.3f} ms (profiler on) vs ORT end to end {s['ort_e2e_ms']:.3f} ms (profiler off)."),
+              (f"Convolutions: TVM {s['by_kind'].get('conv', {}).get('tvm_us', 0) / 1e3:.3f} ms = "
+              f"{s['conv_share_tvm']:.0%} of TVM's kernel time. Largest single loss: {s['worst']['name']} "
+              f"({s['worst']['tvm_op']}), {s['worst']['tvm_us']:.1f} vs {s['worst']['ort_us']:.1f} us "
+              f"({s['worst']['ratio']}x). TVM output vs onnxruntime: max abs error {s['max_abs_err_vs_ort']:.2g}.\n")]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--input-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="threads of both runtimes (and of tuning measurements)")
+    ap.add_argument("--e2e-threads", default="1,2", help="thread counts of the end-to-end comparison")
+    ap.add_argument("--tune-trials", type=int, default=32, help="MetaSchedule trials per conv/matmul task")
+    ap.add_argument("--db", type=Path, default=None, help="tuning database (default: the host's per-target db)")
+    ap.add_argument("--tuning-summary", type=Path, default=None,
+                    help="JSON summary of the earlier run that tuned this db (recorded when this run reuses it)")
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--work", type=Path, default=Path("runs/bench_operators"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/operators.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    etvm.set_num_threads(args.threads)  # before tuning: the tuner's runner workers inherit TVM_NUM_THREADS
+    torch.manual_seed(0)
+
+    target = get_target("host")
+    db = args.db or etvm.default_db_dir(target)
+    shape = (1, 3, args.input_size, args.input_size)
+    model = create_model(args.model, input_size=args.input_size).eval()
+    args.work.mkdir(parents=True, exist_ok=True)
+    onnx_path = args.work / "model.onnx"
+    eonnx.export_onnx(model, shape, onnx_path)
+    mod = from_onnx(onnx.load(str(onnx_path)), shape_dict={eonnx.INPUT_NAME: list(shape)})
+
+    tuning: dict[str, Any] = {"trials_per_task": args.tune_trials, "db": str(db)}
+    if args.tune_trials > 0:
+        t0 = time.perf_counter()
+        tuning.update(etvm.tune(mod, target, args.tune_trials, db))
+        tuning["wall_s"] = round(time.perf_counter() - t0, 1)
+    if args.tuning_summary:
+        tuning["tuning_run"] = json.loads(args.tuning_summary.read_text())
+    t0 = time.perf_counter()
+    ex = etvm.compile_relax(mod, target, db_dir=db)
+    compile_s = round(time.perf_counter() - t0, 1)
+    lib = etvm.export_library(ex, args.work / "model.so", target)
+
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
+    want = eonnx.run_onnx(onnx_path, x, args.threads)
+    got = vm["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
+    max_err = float(np.abs(got - want).max())
+
+    etvm.set_num_threads(args.threads)
+    tvm_ops, ort_ops = opprofile.op_times(ex, onnx_path, x, threads=args.threads, ort_runs=args.runs)
+    pairs = opprofile.match_ops(tvm_ops, ort_ops)
+    rows = [_row(t, o) for t, o in pairs]
+
+    e2e = [_end_to_end(vm, eonnx.session(onnx_path, n), x, n, args.runs, lib)
+           for n in map(int, args.e2e_threads.split(","))]
+    etvm.set_num_threads(args.threads)
+    base = next((r for r in e2e if r["threads"] == args.threads), e2e[0])
+    totals = opprofile.summarize(pairs)
+    worst = max((r for r in rows if "ratio" in r), key=lambda r: r["tvm_us"] - r["ort_us"])  # largest loss in us
+    totals["by_kind"] = {kind: {k: round(v, 2) for k, v in d.items()} for kind, d in totals["by_kind"].items()}
+    summary = {"name": "summary", "threads": args.threads, **{k: round(v, 2) if isinstance(v, float) else v
+                                                               for k, v in totals.items()},
+               "tvm_e2e_ms": base["latency_ms"]["host-tvm"], "ort_e2e_ms": base["latency_ms"]["host-ort"],
+               "tvm_evaluator_e2e_ms": base["latency_ms"]["host-tvm-time_evaluator"],
+               "tvm_vm_overhead_ms": round(base["latency_ms"]["host-tvm-time_evaluator"] - totals["tvm_us"] / 1e3, 4),
+               "conv_share_tvm": round(totals["by_kind"].get("conv", {}).get("tvm_us", 0) / totals["tvm_us"], 3),
+               "worst": {k: worst[k] for k in ("name", "tvm_op", "tvm_us", "ort_us", "ratio")},
+               "max_abs_err_vs_ort": max_err, "compile_s": compile_s}
+
+    out = {
+        "benchmark": "operators",
+        "command": "python " + " ".join(sys.argv),
+        "machine": f"{platform.machine()}, {tvm.target.codegen.llvm_get_system_cpu()}, "
+                   f"TVM target {etvm.tvm_target(target)}; 2 cores shared with other jobs",
+        "date": datetime.date.today().isoformat(),
+        "versions": {"edgecompact": __version__, "torch": torch.__version__, "tvm": tvm.__version__,
+                     "onnxruntime": onnxruntime.__version__},
+        "model": args.model,
+        "protocol": f"{args.model}, input {'x'.join(map(str, shape))}, fp32, batch 1, {args.threads} thread(s) for "
+                    f"TVM and onnxruntime (TVM tuned with its runner at the same count); per operator: TVM kernel "
+                    f"calls of one run each timed alone (time_evaluator, median of 15 means of 20 calls), "
+                    f"onnxruntime node durations from its profiler (median of {args.runs} runs after 20 warm-up), "
+                    f"the two interleaved in 15 rounds; ops matched by kind + input/output shape + kernel; end to "
+                    f"end: median of {args.runs} runs, TVM and onnxruntime calls interleaved",
+        "tuning": tuning,
+        "results": rows + e2e + [summary],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    md = _markdown(out)
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
