@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -194,3 +195,13 @@ def test_tuning_speeds_up_and_reuses_records_for_shared_shapes(tmp_path):
     ex = etvm.compile_relax(mod, get_target("host"), db_dir=tmp_path / "db")
     x = np.random.default_rng(4).standard_normal((1, 3, 16, 16)).astype(np.float32)
     assert np.abs(_tvm_run(ex, x) - _torch(model, x)).max() <= 1e-4
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs Linux CPU affinity")
+def test_set_num_threads_does_not_pin_the_process_to_one_core():
+    # TVM's config_threadpool binds the calling thread to core 0 unless TVM_BIND_THREADS=0; every process started
+    # afterwards (the tuning subprocess and its workers) would inherit that mask. Subprocess: pinning is sticky.
+    code = ("import os; before = os.sched_getaffinity(0); from edgecompact.deploy import tvm as etvm; "
+            "etvm.set_num_threads(1); assert os.sched_getaffinity(0) == before, os.sched_getaffinity(0)")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
