@@ -10,18 +10,15 @@ Writes benchmarks/deploy.json and benchmarks/deploy.md (format: ../shared/BENCHM
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import sys
 import time
 from pathlib import Path
 
-import onnxruntime
 import torch
 import tvm
 
-from edgecompact import __version__
 from edgecompact.budget import fit_uniform
 from edgecompact.cost.flops import arch_flops, module_flops, module_params
 from edgecompact.deploy.artifact import export_artifact
@@ -29,6 +26,7 @@ from edgecompact.deploy.bench import bench_artifacts, time_ort_pair, time_torch_
 from edgecompact.deploy.tvm import default_db_dir
 from edgecompact.errors import ConfigError
 from edgecompact.models import create_model
+from edgecompact.report import bench_document
 from edgecompact.structure import analyze, keep_from_scores, slim
 from edgecompact.targets import get_target
 
@@ -107,20 +105,14 @@ def main() -> None:
         summary[f"speedup_over_flop_ratio_{key}"] = round(tb / tc / flop_ratio, 3)
     records.append(summary)
 
-    out = {
-        "benchmark": "deploy",
-        "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {tvm.target.codegen.llvm_get_system_cpu()}"
-                   f", {torch.get_num_threads()} torch thread(s), shared with other jobs",
-        "date": datetime.date.today().isoformat(),
-        "versions": {"edgecompact": __version__, "torch": torch.__version__, "tvm": tvm.__version__,
-                     "onnxruntime": onnxruntime.__version__},
-        "protocol": f"{args.model} baseline vs {compact_name} compact at {comp['mflops'] / base['mflops']:.3f} "
-                    f"FLOPs{' (from ' + args.arch_from + ')' if args.arch_from else ''}, batch 1, "
-                    f"{args.threads} thread(s) for torch/ORT/TVM, median of {args.runs} runs after warm-up, "
-                    f"same process; TVM MetaSchedule {args.tune_trials} trials per conv/matmul task",
-        "results": records,
-    }
+    protocol = (f"{args.model} baseline vs {compact_name} compact at {comp['mflops'] / base['mflops']:.3f} "
+                f"FLOPs{' (from ' + args.arch_from + ')' if args.arch_from else ''}, batch 1, "
+                f"{args.threads} thread(s) for torch/ORT/TVM, median of {args.runs} runs after warm-up, "
+                f"same process; TVM MetaSchedule {args.tune_trials} trials per conv/matmul task")
+    out = bench_document("deploy", "python " + " ".join(sys.argv), protocol, records)
+    out["machine"] = (f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+                      f"{tvm.target.codegen.llvm_get_system_cpu()}, {torch.get_num_threads()} torch thread(s), "
+                      "shared with other jobs")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     keys = list(base["latency_ms"])

@@ -11,7 +11,6 @@ interleaved, at each --e2e-threads count. Writes benchmarks/operators.json and b
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import sys
@@ -21,17 +20,16 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime
 import torch
 import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
-from edgecompact import __version__
 from edgecompact.deploy import bench, opprofile
 from edgecompact.deploy import onnx as eonnx
 from edgecompact.deploy import tvm as etvm
 from edgecompact.models import create_model
+from edgecompact.report import bench_document
 from edgecompact.targets import get_target
 
 
@@ -177,13 +175,9 @@ def main() -> None:
                "max_abs_err_vs_ort": max_err, "compile_s": compile_s}
 
     out = {
-        "benchmark": "operators",
-        "command": "python " + " ".join(sys.argv),
+        **bench_document("operators", "python " + " ".join(sys.argv), "", []),
         "machine": f"{platform.machine()}, {tvm.target.codegen.llvm_get_system_cpu()}, "
                    f"TVM target {etvm.tvm_target(target)}; 2 cores shared with other jobs",
-        "date": datetime.date.today().isoformat(),
-        "versions": {"edgecompact": __version__, "torch": torch.__version__, "tvm": tvm.__version__,
-                     "onnxruntime": onnxruntime.__version__},
         "model": args.model,
         "protocol": f"{args.model}, input {'x'.join(map(str, shape))}, fp32, batch 1, {args.threads} thread(s) for "
                     f"TVM and onnxruntime (TVM tuned with its runner at the same count); per operator: TVM kernel "
