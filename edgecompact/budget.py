@@ -186,8 +186,7 @@ def _refine(structure: Structure, widths: dict[str, int], ranked: dict[str, list
 
 
 def _siblings(structure: Structure, g: str) -> list[str]:
-    block = structure.droppable.get(g)
-    return [o for o, b in structure.droppable.items() if b == block] if block else [g]
+    return structure.blocks().get(structure.droppable.get(g, ""), [g])
 
 
 def _up(structure: Structure, g: str, w: int, multiple: int) -> int | None:

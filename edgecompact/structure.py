@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -418,10 +418,8 @@ def slim(model: nn.Module, structure: Structure, keep: dict[str, list[int]]) -> 
     A residual block all of whose inner groups keep no channel loses its branch (`drop_branch`): its
     convolutions are removed and the branch's constant output is kept as a per-channel bias.
     """
-    droppable = droppable_groups(model, structure)
-    blocks: dict[str, list[str]] = {}
-    for g, b in droppable.items():
-        blocks.setdefault(b, []).append(g)
+    droppable = droppable_groups(model, structure)  # from the model: a run's structure may not have marked them
+    blocks = replace(structure, droppable=droppable).blocks()
     for g, full in structure.groups.items():
         k = keep.get(g)
         if k is None or (not k and g not in droppable):
