@@ -120,7 +120,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                       epochs=args.epochs, finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       channel_multiple=args.channel_multiple, drop_blocks=args.drop_blocks,
-                      precision=args.precision, profile=args.profile, tune_trials=args.tune_trials,
+                      precision=args.precision, profile=args.profile, tune_trials=args.tune_trials, distill=args.distill,
                       options=_parse_options(args.set))
     name = args.model.split(":")[-1].replace("/", "_")
     out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{args.method}-{name}")
@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10, help="baseline training epochs")
     p.add_argument("--search-epochs", type=int, default=4)
     p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA", help="fine-tunes distil the baseline's "
+                   "soft targets with this weight (0: off; the methods benchmark uses 0.5)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)

@@ -122,6 +122,7 @@ class SearchSpec:
     precision: str | None = None  # None: the target's
     profile: str | None = None
     tune_trials: int = 0  # MetaSchedule trials per task when compiling the deployed models (0: untuned TVM)
+    distill: float = 0.0  # weight of the baseline's soft targets in every fine-tune (knowledge distillation)
     options: dict = field(default_factory=dict)
 
 
@@ -185,6 +186,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
 
     target = get_target(spec.target)
     get_method(spec.method)  # fail fast on an unknown method
+    if not 0 <= spec.distill <= 1:
+        raise ConfigError(f"--distill {spec.distill:g}: expected a weight in [0, 1]")
     budget = parse_budget(spec.budget, spec.metric, spec.tolerance)
     run_dir = Path(run_dir)
     data = load_dataset(spec.data, input_size=spec.input_size, limit=spec.limit, seed=spec.seed)
@@ -202,7 +205,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     base_wall = time.perf_counter() - t0
     _write_atomic(run_dir / "structure.json", json.dumps(structure.to_dict()))
     ctx = build_context(model, data, budget, model_name=spec.model,
-                        finetune=replace(cfg, epochs=spec.finetune_epochs), search_epochs=spec.search_epochs,
+                        finetune=replace(cfg, epochs=spec.finetune_epochs, distill_alpha=spec.distill),
+                        search_epochs=spec.search_epochs,
                         channel_multiple=multiple, precision=precision, target=target, profile=profile,
                         run_dir=run_dir, seed=spec.seed, options=spec.options, structure=structure,
                         baseline_top1=base_top1, log=log)
@@ -241,7 +245,7 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
 def _protocol(spec: SearchSpec) -> str:
     return (f"{spec.model}, {spec.data}{f' ({spec.limit} train)' if spec.limit else ''}, "
             f"{spec.epochs} baseline + {spec.search_epochs} search + {spec.finetune_epochs} fine-tune epochs, "
-            f"budget {spec.budget} {spec.metric or ''}".strip())
+            f"budget {spec.budget} {spec.metric or ''}".strip() + (f", distillation {spec.distill:g}" if spec.distill else ""))
 
 
 def load_compact(run_dir: Path) -> tuple[nn.Module, SearchSpec, Structure]:

@@ -48,6 +48,7 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None
     (["search", "--model", "resnet20", "--method", "uniform", "--target", "rpi4", "--rpc", "nonsense"],
      ["--rpc", "nonsense"]),
     (["flops", "inception_v3_imagenet64", "--input-size", "8"], ["too small", "inception_v3_imagenet64"]),
+    (["search", "--model", "resnet20", "--method", "uniform", "--distill", "1.5", "--no-deploy"], ["--distill 1.5"]),
 ])
 def test_user_mistakes_get_one_line_and_nonzero_exit(args, needles):
     assert_one_line_error(run_cli(*args), *needles)

@@ -50,6 +50,7 @@ def test_utility_takes_macs_in_billions_or_the_targets_predicted_ms():
     record = {"top1": 50.0, "params": 4e6, "flops": 0.5e9, "ms": 0.25}  # 0.25 G MACs, 0.25 ms
     assert gs.utility(record, "netscore") == pytest.approx(20 * math.log10(2500))
     assert gs.utility(dict(record, ms=1.0), "netscore-latency") == pytest.approx(20 * math.log10(1250))
+    assert gs.utility(dict(record, params=1e9), "top1") == 50.0  # accuracy alone: cost is the budget's business
 
 
 def test_indicator_rejects_each_kind_of_violation(make_context):
@@ -157,10 +158,12 @@ def test_returned_network_meets_every_constraint(searched, digits16):
     assert top1 >= evaluate(ctx.baseline, digits16.val) - SMALL["accuracy_tolerance"]
     for cycle in result.history[:-1]:  # each cycle kept the best-U sample of those 1_r accepts
         samples = cycle["samples"]
-        assert cycle["requirements_met"] == any(r["feasible"] for r in samples)
         pool = [r for r in samples if r["feasible"]] or [r for r in samples if not {"budget", "multiple"} &
                                                           set(r["violations"])]
         assert samples[cycle["best"]]["utility"] == max(r["utility"] for r in pool)
+        trained = cycle["trained"]  # train="best": the cycle's verdict is the fine-tuned best sample's
+        assert trained["widths"] == samples[cycle["best"]]["widths"]
+        assert cycle["requirements_met"] == trained["feasible"] == (trained["violations"] == [])
     saved = json.loads((ctx.run_dir / "search" / "gensynth.json").read_text())
     assert len(saved["cycles"]) == SMALL["cycles"] and saved["final"]["widths"] == widths
 
@@ -177,6 +180,26 @@ def test_unmet_accuracy_is_recorded_or_raised_when_strict(digits16, trained_resn
     assert final["final"]["top1"] == 0.0 and final["relaxed"] and set(final["relaxed"]) <= {"accuracy", "precision"}
     assert any("resuming after cycle 1/1" in m for m in logs) and any("WARNING" in m for m in logs)
     assert all(w % 8 == 0 for w in result.arch.widths.values())  # the hard constraints still hold
+
+
+@pytest.mark.parametrize("mode", ["best", "all"])
+def test_a_cycle_fine_tunes_only_what_its_mode_says_and_carries_the_best_forward(make_context, monkeypatch, mode):
+    ctx = make_context(channel_multiple=8, options=dict(SMALL, train=mode, samples=3))
+    opts = gs.options(ctx)
+    inq = gs.Inquisitor(gs.stimuli(ctx, 2), "taylor", 0.5, 1.0)
+    gen = gs.initial_generator(ctx, inq, temperature=0.5)
+    tuned: list[int] = []
+    real = gs._finetune
+    monkeypatch.setattr(gs, "_finetune", lambda c, model, steps, seed, desc: (tuned.append(id(model)),
+                                                                              real(c, model, steps, seed, desc)))
+    req = gs.Requirement(0.6 * ctx.baseline_cost, 0.02, 8, 0.0, "fp32")
+    new, entry = gs.cycle(ctx, gen, inq, req, opts, steps=2, k=0, calib=None)
+    assert len(tuned) == (1 if mode == "best" else 3)
+    assert tuned[-1 if mode == "best" else entry["best"]] == id(new.model)
+    assert widths_of(new.keep) == entry["samples"][entry["best"]]["widths"]
+    assert ("trained" in entry) == (mode == "best")
+    record = entry.get("trained") or entry["samples"][entry["best"]]
+    assert evaluate(new.model, ctx.data.val) == pytest.approx(record["top1"], abs=1e-3)  # G holds what was judged
 
 
 class _Killed(Exception):
@@ -211,6 +234,7 @@ def test_options_are_typed_and_checked(make_context):
     assert opts["cycles"] == 3 and opts["strict"] is True
     for bad, match in [({"cycle": 3}, "--set cycle"), ({"cycles": "many"}, "--set cycles=many"),
                        ({"step": 0}, "--set step"), ({"probe": "gradient"}, "probe=gradient"),
+                       ({"train": "some"}, r"train=some: out of range \(choose best, all\)"),
                        ({"utility": "netscore-latency"}, "needs --target")]:
         with pytest.raises(ConfigError, match=match):
             gs.options(make_context(options=bad))

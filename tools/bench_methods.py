@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05, help="baseline learning rate (SGD, cosine)")
     p.add_argument("--finetune-epochs", type=int, default=4, help="fine-tune epochs every method (and control) gets")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tune learning rate (0.2x baseline)")
+    p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+                   help="every method's (and control's) fine-tune distils the baseline with this weight (0: off)")
     p.add_argument("--search-epochs", type=int, default=None, help="a method's search epochs (default: fine-tune)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--budget", default="0.33x", help="budget, e.g. 0.33x (the paper's 1/3 FLOPs), 48M")
@@ -57,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remeasure", action="store_true", help="only re-time the finished results' ONNX files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--channel-multiple", type=int, default=1, help="every searched width a multiple of this")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="deployment precision: searches judge and report top-1 at it (int8: onnxruntime's static QDQ)")
     p.add_argument("--drop-blocks", action="store_true", help="depth pruning: methods may remove residual blocks")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--work-dir", type=Path, default=None,
@@ -83,10 +87,14 @@ def protocol(a: argparse.Namespace, search_epochs: int, options: dict) -> str:
             f"lr {a.lr:g}; search {search_epochs} + fine-tune {a.finetune_epochs} epochs (lr {a.finetune_lr:g}, "
             f"batch {a.batch_size}; controls fine-tune search + fine-tune epochs); budget {a.metric} {a.budget}; "
             f"target {a.target}; onnxruntime {a.threads} thread(s), median of {a.measure_runs}; seed {a.seed}")
+    if a.distill:
+        text += f"; fine-tunes distil the baseline (alpha {a.distill:g}, T 4)"
     if a.channel_multiple > 1:
         text += f"; channel multiple {a.channel_multiple}"
     if a.drop_blocks:
         text += "; residual blocks may be removed"
+    if a.precision != "fp32":
+        text += f"; top-1 at {a.precision} (fp32 in the JSON)"
     if options:
         text += "; options " + json.dumps(options, sort_keys=True)
     return text
@@ -125,8 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     # the trained baseline (work/baseline.pt) is shared by every budget; each budget's method runs live apart so
     # that their checkpoints are never resumed under another budget
     method_root = work if (a.metric, a.budget) == ("flops", "0.33x") else work / f"{a.metric}-{a.budget}"
-    if a.channel_multiple > 1 or a.drop_blocks:
-        method_root = method_root / f"m{a.channel_multiple}{'-drop' if a.drop_blocks else ''}"
+    if a.channel_multiple > 1 or a.drop_blocks or a.precision != "fp32":
+        method_root = method_root / (f"m{a.channel_multiple}{'-drop' if a.drop_blocks else ''}"
+                                     f"{'' if a.precision == 'fp32' else '-' + a.precision}")
+    if not 0 <= a.distill <= 1:
+        raise ConfigError(f"--distill {a.distill:g}: expected a weight in [0, 1]")
+    if a.distill:
+        method_root = method_root / f"kd{a.distill:g}"
 
     def save() -> None:
         write_bench(a.out, bench_document("methods", command, proto, results))
@@ -138,10 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     hist = train(baseline, data.train, TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed),
           val_set=data.val, checkpoint=work / "baseline.pt", desc="baseline")
     baseline.eval()
-    finetune = TrainConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, batch_size=a.batch_size, seed=a.seed)
+    finetune = TrainConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, batch_size=a.batch_size, seed=a.seed,
+                           distill_alpha=a.distill)
     target = get_target(a.target)
     ctx = build_context(baseline, data, parse_budget(a.budget, a.metric), profile=a.profile, model_name=a.model, finetune=finetune, search_epochs=search_epochs,
-                        channel_multiple=a.channel_multiple, drop_blocks=a.drop_blocks, seed=a.seed, target=target, log=lambda s: print(s, flush=True))
+                        channel_multiple=a.channel_multiple, drop_blocks=a.drop_blocks, precision=a.precision, seed=a.seed, target=target, log=lambda s: print(s, flush=True))
     shape = (1, data.in_channels, data.input_size, data.input_size)
     dataset = a.dataset.split(":")[0]
     if a.remeasure:
@@ -157,6 +171,11 @@ def main(argv: list[str] | None = None) -> None:
                "top1": round(evaluate(baseline, test), 2),
                "latency_ms": {"predicted": round(ctx.latency(widths), 4)},
                "wall_s": round(sum(e["seconds"] for e in hist["epochs"]), 1)}
+        if a.precision != "fp32":
+            from edgecompact.precision import calibration_inputs, evaluate_at_precision
+
+            rec.update(precision=a.precision, top1_fp32=rec["top1"], top1=round(evaluate_at_precision(
+                baseline, test, a.precision, calibration_inputs(data.train)), 2))
         if a.measure_runs:
             _export(baseline, shape, work / "baseline.onnx")
             rec["latency_ms"][f"{target.name}-ort"] = round(_measure_one(work / "baseline.onnx", shape, a), 4)
@@ -176,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         rec = {"name": name, "model": a.model, "dataset": dataset, "mflops": m["mflops"], "params": m["params"],
                "top1": m["top1"], "budget": m["budget"], "latency_ms": m.get("latency_ms", {}),
                "wall_s": m["wall_s"], "widths": res.arch.widths}
+        if "precision" in m:
+            rec.update(precision=m["precision"], top1_fp32=m["top1_fp32"])
         if a.measure_runs:  # baseline and compact timed interleaved in this process: their ratio is the speedup
             _export(baseline, shape, work / "baseline.onnx")
             _export(res.model, shape, method_root / name / "compact.onnx")

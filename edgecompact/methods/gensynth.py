@@ -32,8 +32,9 @@ from edgecompact.train import evaluate, load_checkpoint, train
 OPTIONS: dict[str, object] = {
     "cycles": 4,  # K: compaction cycles, geometric steps from the baseline's cost to the budget
     "samples": 4,  # networks synthesized per cycle (seeds); sample 0 is G's mode (no noise)
-    "steps": 0,  # fine-tune steps per sample; 0: search_epochs of training spread over cycles x samples
-    "utility": "netscore",  # U: "netscore" (m = MACs) or "netscore-latency" (m = predicted ms on the target)
+    "steps": 0,  # fine-tune steps per trained network; 0: search_epochs of training spread over the cycles
+    "train": "best",  # which samples a cycle fine-tunes: "best" (screened by U after BN recalibration) or "all"
+    "utility": "netscore",  # U: "netscore" (m = MACs), "netscore-latency" (m = predicted ms) or "top1"
     "accuracy_tolerance": 1.0,  # 1_r: top-1 points (at the deployment precision) below the baseline's val top-1
     "temperature": 0.5,  # Gumbel noise scale of G's sampling (theta_G)
     "step": 0.5,  # eta: how far one cycle's insights move G's logits (theta_I)
@@ -43,8 +44,9 @@ OPTIONS: dict[str, object] = {
     "calib": 256,  # int8 calibration inputs (the deploy stage's count)
     "strict": False,  # raise BudgetError instead of returning a network that misses the accuracy requirement
 }
-UTILITIES = ("netscore", "netscore-latency")
+UTILITIES = ("netscore", "netscore-latency", "top1")
 PROBES = ("taylor", "ablation")
+TRAIN = ("best", "all")
 HARD = ("budget", "multiple")  # constraints no returned network may break, even with the accuracy relaxed
 
 
@@ -69,12 +71,12 @@ def options(ctx: SearchContext) -> dict:
     checks = [("cycles", out["cycles"] >= 1), ("samples", out["samples"] >= 1), ("steps", out["steps"] >= 0),
               ("utility", out["utility"] in UTILITIES), ("accuracy_tolerance", out["accuracy_tolerance"] >= 0),
               ("temperature", out["temperature"] >= 0), ("step", 0 < out["step"] <= 1),
-              ("elite", 0 < out["elite"] <= 1), ("probe", out["probe"] in PROBES),
+              ("elite", 0 < out["elite"] <= 1), ("probe", out["probe"] in PROBES), ("train", out["train"] in TRAIN),
               ("probe_batches", out["probe_batches"] >= 1), ("calib", out["calib"] >= 1)]
     for key, ok in checks:
         if not ok:
-            allowed = {"utility": " (choose " + ", ".join(UTILITIES) + ")", "probe": " (choose " + ", ".join(PROBES)
-                       + ")"}.get(key, "")
+            choices = {"utility": UTILITIES, "probe": PROBES, "train": TRAIN}
+            allowed = f" (choose {', '.join(choices[key])})" if key in choices else ""
             raise ConfigError(f"--set {key}={out[key]}: out of range{allowed}")
     if out["utility"] == "netscore-latency" and ctx.latency is None:
         raise ConfigError("--set utility=netscore-latency needs --target (a latency table or roofline estimate)")
@@ -90,7 +92,10 @@ def netscore(top1: float, params_m: float, macs: float, alpha: float = 2.0, beta
 
 
 def utility(record: dict, kind: str) -> float:
-    """U of an assessed network: NetScore with m = MACs in billions (FLOPs / 2) or the target's predicted ms."""
+    """U of an assessed network: NetScore with m = MACs in billions (FLOPs / 2) or the target's predicted ms; or
+    plain top-1 ("top1": every candidate sits on the same cost level, so only accuracy separates them)."""
+    if kind == "top1":
+        return record["top1"]
     m = record["flops"] / 2 / 1e9 if kind == "netscore" else record["ms"]
     return netscore(record["top1"], record["params"] / 1e6, m)
 
@@ -360,7 +365,8 @@ def _steps(ctx: SearchContext, opts: dict) -> int:
     if opts["steps"]:
         return opts["steps"]
     per_epoch = max(1, len(ctx.data.train.tensors[1]) // ctx.finetune.batch_size)
-    return max(1, round(ctx.search_epochs * per_epoch / (opts["cycles"] * opts["samples"])))
+    trained = opts["cycles"] * (opts["samples"] if opts["train"] == "all" else 1)
+    return max(1, round(ctx.search_epochs * per_epoch / trained))
 
 
 def _finetune(ctx: SearchContext, model: nn.Module, steps: int, seed: int, desc: str) -> None:
@@ -446,6 +452,41 @@ def _resume(ctx: SearchContext, config: dict, temperature: float) -> tuple[list[
     return history, Generator(dict(state["logits"]), keep, model, temperature)
 
 
+def cycle(ctx: SearchContext, gen: Generator, inq: Inquisitor, req: Requirement, opts: dict, steps: int, k: int,
+          calib: torch.Tensor | None) -> tuple[Generator, dict]:
+    """One generator-inquisitor cycle at `req.level`: (the updated G, the cycle's history entry).
+
+    Every sample is synthesized, its BatchNorm statistics re-estimated on the stimuli, and assessed (U, 1_r).
+    train="all": each sample is first fine-tuned for `steps`. train="best" (the default): only the sample that
+    `select` picks is fine-tuned, with the whole cycle's steps, then assessed again; 1_r of the cycle is then that
+    of the trained network. The elite's insights (the trained network's in place of its untrained self) update G.
+    """
+    records, nets = [], []
+    for s in range(opts["samples"]):
+        seed = ctx.seed * 1_000_003 + k * 1009 + s
+        keep, model = synthesize(gen, ctx.structure, ctx.cost, req.level, ctx.budget.tolerance,
+                                 ctx.channel_multiple, seed, noise=s > 0)
+        if opts["train"] == "all":
+            _finetune(ctx, model, steps, ctx.seed * 1009 + k, f"gensynth cycle {k + 1} sample {s + 1}")
+        recalibrate_bn(model, inq.probes)
+        rec = assess(ctx, keep, model, req, opts["utility"], calib)
+        rec.update(cycle=k + 1, sample=s, seed=seed)
+        records.append(rec)
+        nets.append((keep, model))
+    best, elite, met = select(records, inq.elite)
+    entry = {"cycle": k + 1, "level": req.level, "best": best, "elite": elite, "requirements_met": met,
+             "samples": records}
+    keep, model = nets[best]
+    if opts["train"] == "best":
+        _finetune(ctx, model, steps, ctx.seed * 1009 + k, f"gensynth cycle {k + 1} best sample")
+        trained = assess(ctx, keep, model, req, opts["utility"], calib)
+        trained.update(cycle=k + 1, sample=best, seed=records[best]["seed"])
+        entry.update(trained=trained, requirements_met=trained["feasible"])
+    found = [insights(contributions(inq, nets[i][1], _at(ctx.structure, nets[i][0])), nets[i][0],
+                      _marginal(ctx, widths_of(nets[i][0]))) for i in [best, *(i for i in elite if i != best)]]
+    return Generator(update(gen, found, inq.step), keep, model, gen.temperature), entry
+
+
 @register_method("gensynth")
 def gensynth(ctx: SearchContext) -> Proposal:
     """Cycles of synthesize -> short fine-tune -> assess (U, 1_r) -> inquire -> update G; then a final fine-tune."""
@@ -466,29 +507,14 @@ def gensynth(ctx: SearchContext) -> Proposal:
         ctx.log(f"gensynth: resuming after cycle {len(history)}/{opts['cycles']}")
     for k in range(len(history), opts["cycles"]):
         ctx.log(f"gensynth: cycle {k + 1}/{opts['cycles']}: {opts['samples']} samples at cost {levels[k]:.4g} "
-                f"({levels[k] / ctx.baseline_cost:.3f}x), {steps} fine-tune steps each")
-        cycle_req = replace(req, level=levels[k])
-        records, nets = [], []
-        for s in range(opts["samples"]):
-            seed = ctx.seed * 1_000_003 + k * 1009 + s
-            keep, model = synthesize(gen, ctx.structure, ctx.cost, levels[k], ctx.budget.tolerance,
-                                     ctx.channel_multiple, seed, noise=s > 0)
-            _finetune(ctx, model, steps, ctx.seed * 1009 + k, f"gensynth cycle {k + 1} sample {s + 1}")
-            recalibrate_bn(model, inq.probes)
-            rec = assess(ctx, keep, model, cycle_req, opts["utility"], calib)
-            rec.update(cycle=k + 1, sample=s, seed=seed)
-            records.append(rec)
-            nets.append((keep, model))
-        best, elite, met = select(records, inq.elite)
-        found = [insights(contributions(inq, nets[i][1], _at(ctx.structure, nets[i][0])), nets[i][0],
-                          _marginal(ctx, widths_of(nets[i][0]))) for i in elite]  # only the elite's count
-        logits = update(gen, found, inq.step)
-        gen = Generator(logits, nets[best][0], nets[best][1], gen.temperature)
-        history.append({"cycle": k + 1, "level": levels[k], "best": best, "elite": elite, "requirements_met": met,
-                        "samples": records})
-        r = records[best]
+                f"({levels[k] / ctx.baseline_cost:.3f}x), {steps} fine-tune steps for "
+                f"{'each' if opts['train'] == 'all' else 'the best'}")
+        gen, entry = cycle(ctx, gen, inq, replace(req, level=levels[k]), opts, steps, k, calib)
+        history.append(entry)
+        r = entry.get("trained") or entry["samples"][entry["best"]]
         ctx.log(f"gensynth: cycle {k + 1}: best U {r['utility']:.2f}, top-1 {r['top1']:.2f}% ({ctx.precision}), "
-                f"{sum(x['feasible'] for x in records)}/{len(records)} meet 1_r")
+                f"{sum(x['feasible'] for x in entry['samples'])}/{len(entry['samples'])} samples meet 1_r"
+                + ("" if "trained" not in entry else f", after fine-tuning the best: {'meets' if r['feasible'] else 'misses'} 1_r"))
         _save(ctx, config, history, gen)
     return _finish(ctx, gen, history, req, opts, calib)
 
