@@ -190,8 +190,7 @@ def test_a_cycle_fine_tunes_only_what_its_mode_says_and_carries_the_best_forward
     gen = gs.initial_generator(ctx, inq, temperature=0.5)
     tuned: list[int] = []
     real = gs._finetune
-    monkeypatch.setattr(gs, "_finetune", lambda c, model, steps, seed, desc: (tuned.append(id(model)),
-                                                                              real(c, model, steps, seed, desc)))
+    monkeypatch.setattr(gs, "_finetune", lambda c, model, *a: (tuned.append(id(model)), real(c, model, *a)))
     req = gs.Requirement(0.6 * ctx.baseline_cost, 0.02, 8, 0.0, "fp32")
     new, entry = gs.cycle(ctx, gen, inq, req, opts, steps=2, k=0, calib=None)
     assert len(tuned) == (1 if mode == "best" else 3)
@@ -200,6 +199,17 @@ def test_a_cycle_fine_tunes_only_what_its_mode_says_and_carries_the_best_forward
     assert ("trained" in entry) == (mode == "best")
     record = entry.get("trained") or entry["samples"][entry["best"]]
     assert evaluate(new.model, ctx.data.val) == pytest.approx(record["top1"], abs=1e-3)  # G holds what was judged
+
+
+def test_cycle_fine_tunes_imitate_the_prototype_by_mimic_not_by_the_runs_distillation(make_context, monkeypatch):
+    ctx = make_context()  # the run itself does not distil (finetune.distill_alpha == 0)
+    seen = []
+    monkeypatch.setattr(gs, "train", lambda model, data, cfg, teacher=None, **kw: seen.append((cfg.distill_alpha,
+                                                                                              teacher)))
+    net = copy.deepcopy(ctx.baseline)
+    gs._finetune(ctx, net, steps=2, seed=0, desc="t", mimic=0.5)
+    gs._finetune(ctx, net, steps=2, seed=0, desc="t", mimic=0.0)
+    assert seen[0] == (0.5, ctx.baseline) and seen[1] == (0.0, None)
 
 
 class _Killed(Exception):
@@ -234,6 +244,7 @@ def test_options_are_typed_and_checked(make_context):
     assert opts["cycles"] == 3 and opts["strict"] is True
     for bad, match in [({"cycle": 3}, "--set cycle"), ({"cycles": "many"}, "--set cycles=many"),
                        ({"step": 0}, "--set step"), ({"probe": "gradient"}, "probe=gradient"),
+                       ({"mimic": 2}, "--set mimic=2.0: out of range"),
                        ({"train": "some"}, r"train=some: out of range \(choose best, all\)"),
                        ({"utility": "netscore-latency"}, "needs --target")]:
         with pytest.raises(ConfigError, match=match):

@@ -43,3 +43,20 @@ def test_search_with_deploy_measures_baseline_and_compact_on_the_host(tmp_path):
         assert rec["deployed_top1"]["fp32-ort"] == pytest.approx(rec["deployed_top1"]["fp32-tvm"], abs=0.5)
     assert (tmp_path / "run" / "deploy" / "host" / "compact" / "model.so").is_file()
     assert (tmp_path / "run" / "deploy" / "host" / "bench.json").is_file()
+
+
+def test_distill_reaches_every_fine_tune_with_the_baseline_as_teacher(tmp_path, monkeypatch):
+    import edgecompact.train as train_mod
+    from edgecompact.methods import base
+
+    calls: list[tuple[float, object]] = []
+    real = train_mod.train
+
+    def spy(model, data, cfg, *a, teacher=None, **kw):
+        calls.append((cfg.distill_alpha, teacher))
+        return real(model, data, cfg, *a, teacher=teacher, **kw)
+
+    monkeypatch.setattr(base, "train", spy)  # run_method's fine-tune
+    doc = run_search(_spec("uniform", distill=0.5), tmp_path / "run", deploy=False, log=lambda *_: None)
+    assert calls and all(alpha == 0.5 and teacher is not None for alpha, teacher in calls)
+    assert "distillation 0.5" in json.dumps(doc)

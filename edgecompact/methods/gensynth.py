@@ -33,6 +33,7 @@ OPTIONS: dict[str, object] = {
     "cycles": 4,  # K: compaction cycles, geometric steps from the baseline's cost to the budget
     "samples": 4,  # networks synthesized per cycle (seeds); sample 0 is G's mode (no noise)
     "steps": 0,  # fine-tune steps per trained network; 0: search_epochs of training spread over the cycles
+    "mimic": 0.5,  # weight of the prototype's soft outputs in the cycles' fine-tunes (the final one follows --distill)
     "train": "best",  # which samples a cycle fine-tunes: "best" (screened by U after BN recalibration) or "all"
     "utility": "netscore",  # U: "netscore" (m = MACs), "netscore-latency" (m = predicted ms) or "top1"
     "accuracy_tolerance": 1.0,  # 1_r: top-1 points (at the deployment precision) below the baseline's val top-1
@@ -72,7 +73,8 @@ def options(ctx: SearchContext) -> dict:
               ("utility", out["utility"] in UTILITIES), ("accuracy_tolerance", out["accuracy_tolerance"] >= 0),
               ("temperature", out["temperature"] >= 0), ("step", 0 < out["step"] <= 1),
               ("elite", 0 < out["elite"] <= 1), ("probe", out["probe"] in PROBES), ("train", out["train"] in TRAIN),
-              ("probe_batches", out["probe_batches"] >= 1), ("calib", out["calib"] >= 1)]
+              ("probe_batches", out["probe_batches"] >= 1), ("mimic", 0 <= out["mimic"] <= 1),
+              ("calib", out["calib"] >= 1)]
     for key, ok in checks:
         if not ok:
             choices = {"utility": UTILITIES, "probe": PROBES, "train": TRAIN}
@@ -369,13 +371,14 @@ def _steps(ctx: SearchContext, opts: dict) -> int:
     return max(1, round(ctx.search_epochs * per_epoch / trained))
 
 
-def _finetune(ctx: SearchContext, model: nn.Module, steps: int, seed: int, desc: str) -> None:
+def _finetune(ctx: SearchContext, model: nn.Module, steps: int, seed: int, desc: str, mimic: float = 0.0) -> None:
+    """`steps` SGD steps of the fine-tune schedule on a seeded subset; with `mimic` > 0 the loss also matches the
+    prototype's soft outputs (distillation weight `mimic`, the run's temperature)."""
     x, y = ctx.data.train.tensors
     n = min(len(y), steps * ctx.finetune.batch_size)
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
-    cfg = replace(ctx.finetune, epochs=1, seed=seed, progress=False)
-    train(model, TensorDataset(x[idx], y[idx]), cfg, desc=desc,
-          teacher=ctx.baseline if cfg.distill_alpha > 0 else None)
+    cfg = replace(ctx.finetune, epochs=1, seed=seed, progress=False, distill_alpha=mimic)
+    train(model, TensorDataset(x[idx], y[idx]), cfg, desc=desc, teacher=ctx.baseline if mimic > 0 else None)
 
 
 @torch.no_grad()
@@ -467,7 +470,8 @@ def cycle(ctx: SearchContext, gen: Generator, inq: Inquisitor, req: Requirement,
         keep, model = synthesize(gen, ctx.structure, ctx.cost, req.level, ctx.budget.tolerance,
                                  ctx.channel_multiple, seed, noise=s > 0)
         if opts["train"] == "all":
-            _finetune(ctx, model, steps, ctx.seed * 1009 + k, f"gensynth cycle {k + 1} sample {s + 1}")
+            _finetune(ctx, model, steps, ctx.seed * 1009 + k, f"gensynth cycle {k + 1} sample {s + 1}",
+                      opts["mimic"])
         recalibrate_bn(model, inq.probes)
         rec = assess(ctx, keep, model, req, opts["utility"], calib)
         rec.update(cycle=k + 1, sample=s, seed=seed)
@@ -478,7 +482,7 @@ def cycle(ctx: SearchContext, gen: Generator, inq: Inquisitor, req: Requirement,
              "samples": records}
     keep, model = nets[best]
     if opts["train"] == "best":
-        _finetune(ctx, model, steps, ctx.seed * 1009 + k, f"gensynth cycle {k + 1} best sample")
+        _finetune(ctx, model, steps, ctx.seed * 1009 + k, f"gensynth cycle {k + 1} best sample", opts["mimic"])
         trained = assess(ctx, keep, model, req, opts["utility"], calib)
         trained.update(cycle=k + 1, sample=best, seed=records[best]["seed"])
         entry.update(trained=trained, requirements_met=trained["feasible"])
