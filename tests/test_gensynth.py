@@ -105,6 +105,15 @@ def test_synthesized_networks_meet_the_level_in_multiples_and_inherit_weights(ma
         assert torch.allclose(net2.eval()(x), slim(ctx.baseline, ctx.structure, keep2).eval()(x), atol=1e-5)
 
 
+def test_select_ranks_by_utility_or_by_the_loss_on_the_stimuli():
+    ok = {"violations": [], "feasible": True}
+    recs = [dict(ok, utility=90.0, probe_loss=0.5), dict(ok, utility=95.0, probe_loss=2.3),
+            {"violations": ["budget"], "feasible": False, "utility": 99.0, "probe_loss": 0.1},
+            dict(ok, utility=80.0, probe_loss=0.7)]
+    assert gs.select(recs, 0.5) == (1, [1, 0], True)
+    assert gs.select(recs, 0.5, by="probe_loss") == (0, [0, 3], True)  # the budget-breaker never counts
+
+
 def test_update_moves_each_logit_toward_what_the_insights_say():
     gen = gs.Generator({"a": torch.tensor([0.0, 1.0, 2.0, -1.0], dtype=torch.float64)}, {"a": [0, 1, 2, 3]},
                        torch.nn.Linear(1, 1), 0.5)
@@ -156,7 +165,7 @@ def test_returned_network_meets_every_constraint(searched, digits16):
     top1 = evaluate_at_precision(result.model, digits16.val, "int8", calib)  # measured again, independently
     assert top1 == pytest.approx(final["final"]["top1"], abs=0.01)
     assert top1 >= evaluate(ctx.baseline, digits16.val) - SMALL["accuracy_tolerance"]
-    for cycle in result.history[:-1]:  # each cycle kept the best-U sample of those 1_r accepts
+    for cycle in result.history[:-1]:  # each cycle kept the best sample of those 1_r accepts
         samples = cycle["samples"]
         pool = [r for r in samples if r["feasible"]] or [r for r in samples if not {"budget", "multiple"} &
                                                           set(r["violations"])]
@@ -182,9 +191,10 @@ def test_unmet_accuracy_is_recorded_or_raised_when_strict(digits16, trained_resn
     assert all(w % 8 == 0 for w in result.arch.widths.values())  # the hard constraints still hold
 
 
-@pytest.mark.parametrize("mode", ["best", "all"])
-def test_a_cycle_fine_tunes_only_what_its_mode_says_and_carries_the_best_forward(make_context, monkeypatch, mode):
-    ctx = make_context(channel_multiple=8, options=dict(SMALL, train=mode, samples=3))
+@pytest.mark.parametrize("mode,screen", [("best", "utility"), ("best", "loss"), ("all", "loss")])
+def test_a_cycle_fine_tunes_only_what_its_mode_says_and_carries_the_best_forward(make_context, monkeypatch, mode,
+                                                                                  screen):
+    ctx = make_context(channel_multiple=8, options=dict(SMALL, train=mode, samples=3, screen=screen))
     opts = gs.options(ctx)
     inq = gs.Inquisitor(gs.stimuli(ctx, 2), "taylor", 0.5, 1.0)
     gen = gs.initial_generator(ctx, inq, temperature=0.5)
@@ -197,6 +207,9 @@ def test_a_cycle_fine_tunes_only_what_its_mode_says_and_carries_the_best_forward
     assert tuned[-1 if mode == "best" else entry["best"]] == id(new.model)
     assert widths_of(new.keep) == entry["samples"][entry["best"]]["widths"]
     assert ("trained" in entry) == (mode == "best")
+    key = "probe_loss" if (mode, screen) == ("best", "loss") else "utility"  # train=all always ranks by U
+    sign = 1 if key == "probe_loss" else -1
+    assert entry["best"] == min(range(3), key=lambda i: sign * entry["samples"][i][key])
     record = entry.get("trained") or entry["samples"][entry["best"]]
     assert evaluate(new.model, ctx.data.val) == pytest.approx(record["top1"], abs=1e-3)  # G holds what was judged
 
@@ -245,6 +258,7 @@ def test_options_are_typed_and_checked(make_context):
     for bad, match in [({"cycle": 3}, "--set cycle"), ({"cycles": "many"}, "--set cycles=many"),
                        ({"step": 0}, "--set step"), ({"probe": "gradient"}, "probe=gradient"),
                        ({"mimic": 2}, "--set mimic=2.0: out of range"),
+                       ({"screen": "vibes"}, "screen=vibes: out of range"),
                        ({"train": "some"}, r"train=some: out of range \(choose best, all\)"),
                        ({"utility": "netscore-latency"}, "needs --target")]:
         with pytest.raises(ConfigError, match=match):

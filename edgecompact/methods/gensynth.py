@@ -34,7 +34,8 @@ OPTIONS: dict[str, object] = {
     "samples": 4,  # networks synthesized per cycle (seeds); sample 0 is G's mode (no noise)
     "steps": 0,  # fine-tune steps per trained network; 0: search_epochs of training spread over the cycles
     "mimic": 0.5,  # weight of the prototype's soft outputs in the cycles' fine-tunes (the final one follows --distill)
-    "train": "best",  # which samples a cycle fine-tunes: "best" (screened by U after BN recalibration) or "all"
+    "train": "best",
+    "screen": "utility",  # train=best: rank untrained samples by "utility" (U) or "loss" (on the stimuli, lowest first)  # which samples a cycle fine-tunes: "best" (screened by U after BN recalibration) or "all"
     "utility": "netscore",  # U: "netscore" (m = MACs), "netscore-latency" (m = predicted ms) or "top1"
     "accuracy_tolerance": 1.0,  # 1_r: top-1 points (at the deployment precision) below the baseline's val top-1
     "temperature": 0.5,  # Gumbel noise scale of G's sampling (theta_G)
@@ -48,6 +49,7 @@ OPTIONS: dict[str, object] = {
 UTILITIES = ("netscore", "netscore-latency", "top1")
 PROBES = ("taylor", "ablation")
 TRAIN = ("best", "all")
+SCREENS = ("utility", "loss")
 HARD = ("budget", "multiple")  # constraints no returned network may break, even with the accuracy relaxed
 
 
@@ -73,11 +75,12 @@ def options(ctx: SearchContext) -> dict:
               ("utility", out["utility"] in UTILITIES), ("accuracy_tolerance", out["accuracy_tolerance"] >= 0),
               ("temperature", out["temperature"] >= 0), ("step", 0 < out["step"] <= 1),
               ("elite", 0 < out["elite"] <= 1), ("probe", out["probe"] in PROBES), ("train", out["train"] in TRAIN),
+              ("screen", out["screen"] in SCREENS),
               ("probe_batches", out["probe_batches"] >= 1), ("mimic", 0 <= out["mimic"] <= 1),
               ("calib", out["calib"] >= 1)]
     for key, ok in checks:
         if not ok:
-            choices = {"utility": UTILITIES, "probe": PROBES, "train": TRAIN}
+            choices = {"utility": UTILITIES, "probe": PROBES, "train": TRAIN, "screen": SCREENS}
             allowed = f" (choose {', '.join(choices[key])})" if key in choices else ""
             raise ConfigError(f"--set {key}={out[key]}: out of range{allowed}")
     if out["utility"] == "netscore-latency" and ctx.latency is None:
@@ -265,6 +268,19 @@ def _ablation(model, mods, writers, widths, probes, device) -> dict[str, torch.T
     return out
 
 
+@torch.no_grad()
+def probe_loss(model: nn.Module, probes: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean cross-entropy on the stimuli (eval mode): how much of the task a freshly cut network still does."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        total = sum(float(F.cross_entropy(model(x.to(device)), y.to(device), reduction="sum")) for x, y in probes)
+    finally:
+        model.train(was)
+    return total / sum(len(y) for _, y in probes)
+
+
 def insights(contrib: dict[str, torch.Tensor], keep: dict[str, list[int]], marginal: dict[str, float]) -> dict:
     """Per present channel (baseline index): log(contribution / marginal cost of its group), centred on the median.
 
@@ -336,8 +352,9 @@ def assess(ctx: SearchContext, keep: dict[str, list[int]], model: nn.Module, req
     return rec
 
 
-def select(records: list[dict], elite: float) -> tuple[int, list[int], bool]:
-    """(best, elite indices, whether 1_r held for any): best U among acceptable samples.
+def select(records: list[dict], elite: float, by: str = "utility") -> tuple[int, list[int], bool]:
+    """(best, elite indices, whether 1_r held for any): best U (by="utility") or lowest loss on the stimuli
+    (by="probe_loss", for samples not yet fine-tuned) among acceptable samples.
 
     When no sample meets every requirement, the ones meeting the hard ones (budget, multiple) stand in and the
     cycle is recorded as missing the accuracy requirement. None meeting the hard ones is a BudgetError.
@@ -351,7 +368,7 @@ def select(records: list[dict], elite: float) -> tuple[int, list[int], bool]:
         raise BudgetError(f"gensynth: no synthesized network lands within the tolerance of {r['level']:.4g} "
                           f"(closest {min(x['cost'] for x in records):.4g}) with widths in multiples of the channel "
                           "multiple")
-    ranked = sorted(pool, key=lambda i: -records[i]["utility"])
+    ranked = sorted(pool, key=lambda i: -records[i]["utility"] if by == "utility" else records[i]["probe_loss"])
     return ranked[0], ranked[:max(1, math.ceil(elite * len(ranked)))], met
 
 
@@ -459,10 +476,12 @@ def cycle(ctx: SearchContext, gen: Generator, inq: Inquisitor, req: Requirement,
           calib: torch.Tensor | None) -> tuple[Generator, dict]:
     """One generator-inquisitor cycle at `req.level`: (the updated G, the cycle's history entry).
 
-    Every sample is synthesized, its BatchNorm statistics re-estimated on the stimuli, and assessed (U, 1_r).
-    train="all": each sample is first fine-tuned for `steps`. train="best" (the default): only the sample that
-    `select` picks is fine-tuned, with the whole cycle's steps, then assessed again; 1_r of the cycle is then that
-    of the trained network. The elite's insights (the trained network's in place of its untrained self) update G.
+    Every sample is synthesized, its BatchNorm statistics re-estimated on the stimuli, and assessed (U, 1_r, and
+    its loss on the stimuli). train="all": each sample is first fine-tuned for `steps`, and the best U wins.
+    train="best" (the default): the best U (screen="utility") or the lowest loss on the stimuli (screen="loss")
+    among the untrained samples wins, is fine-tuned with the whole cycle's steps and assessed again; 1_r of the
+    cycle is then that of the trained network. The elite's insights (the trained network's in place of its
+    untrained self) update G.
     """
     records, nets = [], []
     for s in range(opts["samples"]):
@@ -474,10 +493,11 @@ def cycle(ctx: SearchContext, gen: Generator, inq: Inquisitor, req: Requirement,
                       opts["mimic"])
         recalibrate_bn(model, inq.probes)
         rec = assess(ctx, keep, model, req, opts["utility"], calib)
-        rec.update(cycle=k + 1, sample=s, seed=seed)
+        rec.update(cycle=k + 1, sample=s, seed=seed, probe_loss=round(probe_loss(model, inq.probes), 5))
         records.append(rec)
         nets.append((keep, model))
-    best, elite, met = select(records, inq.elite)
+    by = "probe_loss" if opts["train"] == "best" and opts["screen"] == "loss" else "utility"
+    best, elite, met = select(records, inq.elite, by)
     entry = {"cycle": k + 1, "level": req.level, "best": best, "elite": elite, "requirements_met": met,
              "samples": records}
     keep, model = nets[best]
