@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from edgecompact.budget import within
+from edgecompact.budget import parse_budget, within
 from edgecompact.errors import BudgetError, ConfigError
 from edgecompact.methods import gensynth as gs
 from edgecompact.methods.base import run_method
@@ -265,6 +265,18 @@ def test_options_are_typed_and_checked(make_context):
                        ({"utility": "netscore-latency"}, "needs --target")]:
         with pytest.raises(ConfigError, match=match):
             gs.options(make_context(options=bad))
+
+
+def test_marginal_step_leaves_flop_and_param_marginals_alone(make_context):
+    # FLOPs and parameters are linear in one group's width: the per-channel marginal is the same over any step
+    for metric in ("flops", "params"):
+        ctx = make_context(budget=parse_budget("0.33x", metric))
+        widths = {g: max(2, int(0.7 * w)) for g, w in ctx.structure.groups.items()}
+        one, coarse = gs._marginal(ctx, widths, 1), gs._marginal(ctx, widths, 16)
+        assert all(coarse[g] == pytest.approx(one[g], rel=1e-9) for g in widths)
+        # and they are the cost removed by taking one channel away, measured directly
+        g = next(iter(widths))
+        assert one[g] == pytest.approx(ctx.cost(widths) - ctx.cost(dict(widths, **{g: widths[g] - 1})))
 
 
 def test_compaction_schedule_is_geometric_and_ends_at_the_budget():
