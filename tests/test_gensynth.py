@@ -259,7 +259,7 @@ def test_options_are_typed_and_checked(make_context):
     assert opts["cycles"] == 3 and opts["strict"] is True
     for bad, match in [({"cycle": 3}, "--set cycle"), ({"cycles": "many"}, "--set cycles=many"),
                        ({"step": 0}, "--set step"), ({"probe": "gradient"}, "probe=gradient"),
-                       ({"mimic": 2}, "--set mimic=2.0: out of range"),
+                       ({"mimic": 2}, "--set mimic=2.0: out of range"), ({"marginal_step": 0}, "marginal_step=0"),
                        ({"screen": "vibes"}, "screen=vibes: out of range"),
                        ({"train": "some"}, r"train=some: out of range \(choose best, all\)"),
                        ({"utility": "netscore-latency"}, "needs --target")]:
