@@ -120,7 +120,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                       epochs=args.epochs, finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       channel_multiple=args.channel_multiple, drop_blocks=args.drop_blocks,
-                      precision=args.precision, profile=args.profile, tune_trials=args.tune_trials, distill=args.distill,
+                      precision=args.precision, profile=args.profile, tune_trials=args.tune_trials,
+                      distill=args.distill,
                       options=_parse_options(args.set))
     name = args.model.split(":")[-1].replace("/", "_")
     out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{args.method}-{name}")

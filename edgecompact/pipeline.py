@@ -245,7 +245,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
 def _protocol(spec: SearchSpec) -> str:
     return (f"{spec.model}, {spec.data}{f' ({spec.limit} train)' if spec.limit else ''}, "
             f"{spec.epochs} baseline + {spec.search_epochs} search + {spec.finetune_epochs} fine-tune epochs, "
-            f"budget {spec.budget} {spec.metric or ''}".strip() + (f", distillation {spec.distill:g}" if spec.distill else ""))
+            f"budget {spec.budget} {spec.metric or ''}".strip()
+            + (f", distillation {spec.distill:g}" if spec.distill else ""))
 
 
 def load_compact(run_dir: Path) -> tuple[nn.Module, SearchSpec, Structure]:

@@ -74,7 +74,8 @@ def main() -> None:
              f"- protocol: {proto}", "", ("| variant | change | bench_methods arguments | MFLOPs | params | top-1 % | "
              "drop | wall s |"), "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['variant']} | {r['change']} | `{r['args'] or '(none)'}` | {r['mflops']} | {r['params']} | {r['top1']} "
+        lines.append(f"| {r['variant']} | {r['change']} | `{r['args'] or '(none)'}` | {r['mflops']} | {r['params']} "
+                     f"| {r['top1']} "
                      f"| {r['drop']} | {r['wall_s']} |")
     a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(a.out.with_suffix(".md").read_text())

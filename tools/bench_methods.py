@@ -154,8 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     finetune = TrainConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, batch_size=a.batch_size, seed=a.seed,
                            distill_alpha=a.distill)
     target = get_target(a.target)
-    ctx = build_context(baseline, data, parse_budget(a.budget, a.metric), profile=a.profile, model_name=a.model, finetune=finetune, search_epochs=search_epochs,
-                        channel_multiple=a.channel_multiple, drop_blocks=a.drop_blocks, precision=a.precision, seed=a.seed, target=target, log=lambda s: print(s, flush=True))
+    ctx = build_context(baseline, data, parse_budget(a.budget, a.metric), profile=a.profile, model_name=a.model,
+                        finetune=finetune, search_epochs=search_epochs, channel_multiple=a.channel_multiple,
+                        drop_blocks=a.drop_blocks, precision=a.precision, seed=a.seed, target=target,
+                        log=lambda s: print(s, flush=True))
     shape = (1, data.in_channels, data.input_size, data.input_size)
     dataset = a.dataset.split(":")[0]
     if a.remeasure:

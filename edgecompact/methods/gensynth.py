@@ -33,9 +33,9 @@ OPTIONS: dict[str, object] = {
     "cycles": 4,  # K: compaction cycles, geometric steps from the baseline's cost to the budget
     "samples": 4,  # networks synthesized per cycle (seeds); sample 0 is G's mode (no noise)
     "steps": 0,  # fine-tune steps per trained network; 0: search_epochs of training spread over the cycles
-    "mimic": 0.5,  # weight of the prototype's soft outputs in the cycles' fine-tunes (the final one follows --distill)
-    "train": "best",
-    "screen": "utility",  # train=best: rank untrained samples by "utility" (U) or "loss" (on the stimuli, lowest first)  # which samples a cycle fine-tunes: "best" (screened by U after BN recalibration) or "all"
+    "mimic": 0.5,  # weight of the prototype's soft outputs in the cycles' fine-tunes (the final follows --distill)
+    "train": "best",  # which samples a cycle fine-tunes: "best" (the selected one, after screening) or "all"
+    "screen": "utility",  # train=best: rank untrained samples by "utility" (U) or "loss" (on the stimuli)
     "utility": "netscore",  # U: "netscore" (m = MACs), "netscore-latency" (m = predicted ms) or "top1"
     "accuracy_tolerance": 1.0,  # 1_r: top-1 points (at the deployment precision) below the baseline's val top-1
     "temperature": 0.5,  # Gumbel noise scale of G's sampling (theta_G)
@@ -216,7 +216,7 @@ def contributions(inq: Inquisitor, model: nn.Module, structure: Structure) -> di
     try:
         if inq.perturbation == "taylor":
             return _taylor(model, mods, writers, inq.probes, device) | gone
-        return _ablation(model, mods, writers, structure.groups, inq.probes, device) | gone
+        return _ablation(model, mods, writers, structure.groups, inq.probes) | gone
     finally:
         model.train(was)
 
@@ -245,12 +245,8 @@ def _taylor(model, mods, writers, probes, device) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _ablation(model, mods, writers, widths, probes, device) -> dict[str, torch.Tensor]:
-    def loss() -> float:
-        return sum(float(F.cross_entropy(model(x.to(device)), y.to(device), reduction="sum")) for x, y in probes)
-
-    n = sum(len(y) for _, y in probes)
-    base = loss()
+def _ablation(model, mods, writers, widths, probes) -> dict[str, torch.Tensor]:
+    base = probe_loss(model, probes)
     out = {}
     for g, names in writers.items():
         deltas = torch.zeros(widths[g])
@@ -262,7 +258,7 @@ def _ablation(model, mods, writers, widths, probes, device) -> dict[str, torch.T
 
             handles = [mods[name].register_forward_hook(zero) for name in names]
             try:
-                deltas[c] = (loss() - base) / n
+                deltas[c] = probe_loss(model, probes) - base
             finally:
                 for h in handles:
                     h.remove()
@@ -319,7 +315,8 @@ def initial_generator(ctx: SearchContext, inq: Inquisitor, temperature: float,
     """G_0 from the prototype (the baseline): its weights, and logits from the inquisitor's insights on it."""
     keep = {g: list(range(w)) for g, w in ctx.structure.groups.items()}
     model = slim(ctx.baseline, ctx.structure, keep)
-    ins = insights(contributions(inq, model, ctx.structure), keep, _marginal(ctx, ctx.structure.groups, marginal_step))
+    marginal = _marginal(ctx, ctx.structure.groups, marginal_step)
+    ins = insights(contributions(inq, model, ctx.structure), keep, marginal)
     logits = {g: torch.tensor([ins[g][c] for c in range(w)], dtype=torch.float64)
               for g, w in ctx.structure.groups.items()}
     return Generator(logits, keep, model, temperature)
@@ -516,8 +513,11 @@ def cycle(ctx: SearchContext, gen: Generator, inq: Inquisitor, req: Requirement,
         trained = assess(ctx, keep, model, req, opts["utility"], calib)
         trained.update(cycle=k + 1, sample=best, seed=records[best]["seed"])
         entry.update(trained=trained, requirements_met=trained["feasible"])
-    found = [insights(contributions(inq, nets[i][1], _at(ctx.structure, nets[i][0])), nets[i][0],
-                      _marginal(ctx, widths_of(nets[i][0]), opts["marginal_step"])) for i in [best, *(i for i in elite if i != best)]]
+    found = []
+    for i in [best, *(i for i in elite if i != best)]:
+        kept, net = nets[i]
+        found.append(insights(contributions(inq, net, _at(ctx.structure, kept)), kept,
+                              _marginal(ctx, widths_of(kept), opts["marginal_step"])))
     return Generator(update(gen, found, inq.step), keep, model, gen.temperature), entry
 
 
@@ -546,9 +546,10 @@ def gensynth(ctx: SearchContext) -> Proposal:
         gen, entry = cycle(ctx, gen, inq, replace(req, level=levels[k]), opts, steps, k, calib)
         history.append(entry)
         r = entry.get("trained") or entry["samples"][entry["best"]]
+        trained = "" if "trained" not in entry else \
+            f", after fine-tuning the best: {'meets' if r['feasible'] else 'misses'} 1_r"
         ctx.log(f"gensynth: cycle {k + 1}: best U {r['utility']:.2f}, top-1 {r['top1']:.2f}% ({ctx.precision}), "
-                f"{sum(x['feasible'] for x in entry['samples'])}/{len(entry['samples'])} samples meet 1_r"
-                + ("" if "trained" not in entry else f", after fine-tuning the best: {'meets' if r['feasible'] else 'misses'} 1_r"))
+                f"{sum(x['feasible'] for x in entry['samples'])}/{len(entry['samples'])} samples meet 1_r{trained}")
         _save(ctx, config, history, gen)
     return _finish(ctx, gen, history, req, opts, calib)
 
