@@ -121,7 +121,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       channel_multiple=args.channel_multiple, drop_blocks=args.drop_blocks,
                       precision=args.precision, profile=args.profile, tune_trials=args.tune_trials,
-                      distill=args.distill,
+                      distill=args.distill, final=args.final,
                       options=_parse_options(args.set))
     name = args.model.split(":")[-1].replace("/", "_")
     out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{args.method}-{name}")
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--data", default="digits")
     p.add_argument("--method", required=True)
-    p.add_argument("--budget", default="0.33x", help="0.33x (of the baseline), 48M, 120k, 12ms")
+    p.add_argument("--budget", default="1/3x", help="1/3x or 0.33x (of the baseline), 48M, 120k, 12ms")
     p.add_argument("--metric", choices=["flops", "params", "latency"], default=None)
     p.add_argument("--tolerance", type=float, default=0.02)
     p.add_argument("--target", default="host")
@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA", help="fine-tunes distil the baseline's "
                    "soft targets with this weight (0: off; the methods benchmark uses 0.5)")
+    p.add_argument("--final", choices=["inherit", "scratch", "best"], default="best",
+                   help="final training of the found network: inherit (fine-tune its weights), scratch (random init, "
+                   "baseline + search + fine-tune epochs) or best (both; the higher validation top-1 wins)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)

@@ -26,7 +26,7 @@ def run_demo(out: Path, *, methods: list[str] | None = None, deploy: bool = True
 
     methods = methods or [m for m in METHODS if m in list_methods()]
     out = Path(out)
-    spec = SearchSpec(model="resnet20", data="digits", method="baseline", budget="0.33x", input_size=16,
+    spec = SearchSpec(model="resnet20", data="digits", method="baseline", budget="1/3x", input_size=16,
                       epochs=epochs, search_epochs=3, finetune_epochs=4, batch_size=64, lr=0.05, target="host",
                       tune_trials=tune_trials)
     base_dir = out / "baseline"

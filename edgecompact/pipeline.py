@@ -48,10 +48,15 @@ def latency_model(structure: Structure, target, profile: Path | None = None):
 
 def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *, model_name: str = "model",
                   finetune: TrainConfig | None = None, search_epochs: int = 4, channel_multiple: int = 1,
-                  drop_blocks: bool = False, precision: str = "fp32", target=None, profile: Path | None = None, run_dir: Path | None = None,
+                  scratch: TrainConfig | None = None, final: str = "inherit",
+                  drop_blocks: bool = False, precision: str = "fp32", target=None, profile: Path | None = None,
+                  run_dir: Path | None = None,
                   seed: int = 0, options: dict | None = None, structure: Structure | None = None,
                   baseline_top1: float | None = None, log=print) -> SearchContext:
-    """A SearchContext for `baseline` (already trained) on `data` under `budget` (a Budget or text like '0.33x')."""
+    """A SearchContext for `baseline` (already trained) on `data` under `budget` (a Budget or text like '1/3x').
+
+    `scratch` is the schedule of a from-scratch training (the protocol's whole epoch budget), needed by the
+    from-scratch controls and by `final` "scratch" or "best"."""
     if isinstance(budget, str):
         budget = parse_budget(budget)
     structure = structure or analyze(baseline, (data.in_channels, data.input_size, data.input_size), model_name,
@@ -65,7 +70,8 @@ def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *
     return SearchContext(
         baseline=baseline, structure=structure, data=data, budget=budget, cost=cost, target_cost=target_cost,
         baseline_cost=baseline_cost, flops=flops, params=params, finetune=replace(finetune, seed=seed),
-        search_epochs=search_epochs, channel_multiple=channel_multiple, precision=precision, latency=latency,
+        search_epochs=search_epochs, scratch=None if scratch is None else replace(scratch, seed=seed), final=final,
+        channel_multiple=channel_multiple, precision=precision, latency=latency,
         baseline_top1=baseline_top1, run_dir=run_dir, seed=seed, options=dict(options or {}), log=log,
     )
 
@@ -123,6 +129,7 @@ class SearchSpec:
     profile: str | None = None
     tune_trials: int = 0  # MetaSchedule trials per task when compiling the deployed models (0: untuned TVM)
     distill: float = 0.0  # weight of the baseline's soft targets in every fine-tune (knowledge distillation)
+    final: str = "best"  # final training of the found architecture: inherit | scratch | best (on validation)
     options: dict = field(default_factory=dict)
 
 
@@ -180,7 +187,7 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
                log=print) -> dict:
     """`edgecompact search`: baseline -> method -> compact model, arch.json, report.json/md (and deploy)."""
     from edgecompact.data import load_dataset
-    from edgecompact.methods.base import get_method, run_method
+    from edgecompact.methods.base import FINALS, get_method, run_method
     from edgecompact.report import result_record, write_report
     from edgecompact.targets import get_target
 
@@ -188,6 +195,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     get_method(spec.method)  # fail fast on an unknown method
     if not 0 <= spec.distill <= 1:
         raise ConfigError(f"--distill {spec.distill:g}: expected a weight in [0, 1]")
+    if spec.final not in FINALS:
+        raise ConfigError(f"--final {spec.final}: choose {', '.join(FINALS)}")
     budget = parse_budget(spec.budget, spec.metric, spec.tolerance)
     run_dir = Path(run_dir)
     data = load_dataset(spec.data, input_size=spec.input_size, limit=spec.limit, seed=spec.seed)
@@ -206,7 +215,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     _write_atomic(run_dir / "structure.json", json.dumps(structure.to_dict()))
     ctx = build_context(model, data, budget, model_name=spec.model,
                         finetune=replace(cfg, epochs=spec.finetune_epochs, distill_alpha=spec.distill),
-                        search_epochs=spec.search_epochs,
+                        search_epochs=spec.search_epochs, final=spec.final,
+                        scratch=replace(cfg, epochs=total_epochs(spec), distill_alpha=spec.distill),
                         channel_multiple=multiple, precision=precision, target=target, profile=profile,
                         run_dir=run_dir, seed=spec.seed, options=spec.options, structure=structure,
                         baseline_top1=base_top1, log=log)
@@ -242,9 +252,15 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     return report
 
 
+def total_epochs(spec: SearchSpec) -> int:
+    """Every epoch the protocol gives a method (baseline + search + fine-tune): a from-scratch training's budget."""
+    return spec.epochs + spec.search_epochs + spec.finetune_epochs
+
+
 def _protocol(spec: SearchSpec) -> str:
     return (f"{spec.model}, {spec.data}{f' ({spec.limit} train)' if spec.limit else ''}, "
-            f"{spec.epochs} baseline + {spec.search_epochs} search + {spec.finetune_epochs} fine-tune epochs, "
+            f"{spec.epochs} baseline + {spec.search_epochs} search + {spec.finetune_epochs} fine-tune epochs "
+            f"(from scratch: {total_epochs(spec)}), final training {spec.final} (chosen on validation), "
             f"budget {spec.budget} {spec.metric or ''}".strip()
             + (f", distillation {spec.distill:g}" if spec.distill else ""))
 

@@ -20,8 +20,16 @@ def test_parse_budget_units():
     assert b.metric == "latency" and b.value == 12
 
 
+def test_a_fraction_is_exactly_that_share_of_the_baseline():
+    for text in ("1/3x", "1/3", " 1 / 3x"):
+        b = parse_budget(text)
+        assert b.relative and b.metric == "flops" and b.value == 1 / 3
+    assert parse_budget("1/2", metric="latency").metric == "latency"
+
+
 @pytest.mark.parametrize("text,err", [("0x", BudgetError), ("-1M", ConfigError), ("1.5x", BudgetError),
-                                      ("lots", ConfigError)])
+                                      ("lots", ConfigError),
+                                      ("3/3x", BudgetError), ("1/0", BudgetError)])
 def test_bad_budgets_name_the_argument(text, err):
     with pytest.raises(err, match="--budget"):
         parse_budget(text)

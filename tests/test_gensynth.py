@@ -161,13 +161,14 @@ def test_returned_network_meets_every_constraint(searched, digits16):
     check_widths(ctx.structure, widths, 8)
     assert all(w % 8 == 0 for w in widths.values())
     assert within(ctx.cost(widths), ctx.target_cost, ctx.budget.tolerance)
-    final = result.history[-1]
+    assert result.history[-1] == {"final": "inherit", "val_top1": result.metrics["final_val_top1"]}  # run_method's
+    final = result.history[-2]  # GenSynth's own last entry: the verdict on its fine-tuned network
     assert final["relaxed"] == [] and final["final"]["feasible"]
     calib = calibration_inputs(digits16.train)
     top1 = evaluate_at_precision(result.model, digits16.val, "int8", calib)  # measured again, independently
     assert top1 == pytest.approx(final["final"]["top1"], abs=0.01)
     assert top1 >= evaluate(ctx.baseline, digits16.val) - SMALL["accuracy_tolerance"]
-    for cycle in result.history[:-1]:  # each cycle kept the best sample of those 1_r accepts
+    for cycle in result.history[:-2]:  # each cycle kept the best sample of those 1_r accepts
         samples = cycle["samples"]
         pool = [r for r in samples if r["feasible"]] or [r for r in samples if not {"budget", "multiple"} &
                                                           set(r["violations"])]
@@ -187,7 +188,7 @@ def test_unmet_accuracy_is_recorded_or_raised_when_strict(digits16, trained_resn
     logs: list[str] = []
     result = run_method("gensynth", _context(digits16, trained_resnet20, tmp_path, log=logs.append,
                                              options=opts))  # resumes: same search, only the verdict differs
-    final = result.history[-1]
+    final = result.history[-2]
     assert final["final"]["top1"] == 0.0 and final["relaxed"] and set(final["relaxed"]) <= {"accuracy", "precision"}
     assert any("resuming after cycle 1/1" in m for m in logs) and any("WARNING" in m for m in logs)
     assert all(w % 8 == 0 for w in result.arch.widths.values())  # the hard constraints still hold
@@ -225,6 +226,16 @@ def test_cycle_fine_tunes_imitate_the_prototype_by_mimic_not_by_the_runs_distill
     gs._finetune(ctx, net, steps=2, seed=0, desc="t", mimic=0.5)
     gs._finetune(ctx, net, steps=2, seed=0, desc="t", mimic=0.0)
     assert seen[0] == (0.5, ctx.baseline) and seen[1] == (0.0, None)
+
+
+def test_cycles_distil_exactly_when_the_run_does(make_context):
+    """The same teacher for every method or none: `mimic` defaults to the run's --distill weight."""
+    from edgecompact.train import TrainConfig
+
+    assert gs.options(make_context())["mimic"] == 0.0
+    distilled = TrainConfig(epochs=1, lr=0.02, batch_size=64, progress=False, distill_alpha=0.5)
+    assert gs.options(make_context(finetune=distilled))["mimic"] == 0.5
+    assert gs.options(make_context(options={"mimic": "0.25"}))["mimic"] == 0.25
 
 
 class _Killed(Exception):

@@ -1,8 +1,13 @@
 """The method interface: what every compact-architecture search method receives and returns.
 
 A method is a function `(SearchContext) -> Proposal`: it decides which channels to keep (and from which weights).
-Slimming, fine-tuning, measuring and budget checks are done once, here, in `run_method`; method files hold only
-what makes that method itself.
+Slimming, the final training, measuring and budget checks are done once, here, in `run_method`; method files hold
+only what makes that method itself.
+
+The final training of a found architecture (`SearchContext.final`): "inherit" fine-tunes the slimmed network from
+the weights the method proposes; "scratch" re-initializes it and trains it for the protocol's whole epoch budget
+(baseline + search + fine-tune epochs, the baseline's learning rate: Liu et al. 2019's Scratch-E); "best" runs
+both and keeps the one with the higher top-1 on the validation split (never the test split).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import nn
 from edgecompact.budget import Budget, CostFn, assert_within
 from edgecompact.data import DataSplits
 from edgecompact.errors import ConfigError
+from edgecompact.models.blocks import ChannelBias
 from edgecompact.structure import ArchSpec, Structure, check_widths, slim, widths_of
 from edgecompact.train import TrainConfig, evaluate, train
 
@@ -38,6 +44,8 @@ class SearchContext:
     params: CostFn
     finetune: TrainConfig  # the fine-tune schedule every method (and control) gets
     search_epochs: int = 4  # epochs of sparsity training / shrinking a method may spend
+    scratch: TrainConfig | None = None  # from-scratch schedule (all the protocol's epochs); None: not available
+    final: str = "inherit"  # final training of the found architecture: "inherit", "scratch" or "best"
     channel_multiple: int = 1
     precision: str = "fp32"
     latency: CostFn | None = None  # predicted ms on the target, when a table (or estimate) exists
@@ -62,10 +70,11 @@ class Proposal:
     keep: dict[str, list[int]]
     source: nn.Module  # the model whose weights the compact model inherits (a copy of the baseline, or trained)
     history: list[dict] = field(default_factory=list)
-    from_scratch: bool = False  # re-initialize the slimmed model before fine-tuning (MorphNet's choice)
-    finetuned: bool = False  # the method already trained the slimmed model (GenSynth's cycles): skip fine-tuning
+    from_scratch: bool = False  # re-initialize the slimmed model before fine-tuning (MorphNet's weights=scratch)
+    finetuned: bool = False  # the method already fine-tuned the slimmed model (GenSynth's final fine-tune)
     compact: nn.Module | None = None  # when finetuned: the trained compact model
     extra_finetune_epochs: int = 0  # controls: fine-tune longer so every method gets the same total epochs
+    final: str | None = None  # controls fix their final training ("inherit" or "scratch"); None: ctx.final
 
 
 @dataclass
@@ -123,36 +132,85 @@ def marginal_costs(cost: CostFn, structure: Structure, widths: dict[str, int], s
 
 
 def reinitialize(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights, seeded, as the zoo (and torchvision's ResNets) initialize them: convs Kaiming-normal
+    (fan_out, ReLU), BatchNorm gamma 1 / beta 0 with fresh running statistics, a removed branch's constant 0,
+    every other layer its own `reset_parameters`."""
     torch.manual_seed(seed)
     for m in model.modules():
-        if hasattr(m, "reset_parameters") and m is not model:
+        if m is model:
+            continue
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, ChannelBias):
+            nn.init.zeros_(m.bias)
+        elif hasattr(m, "reset_parameters"):
             m.reset_parameters()
     return model
 
 
+FINALS = ("inherit", "scratch", "best")
+
+
 def run_method(name: str, ctx: SearchContext) -> SearchResult:
-    """Run one method end to end: propose, check the budget, slim, fine-tune, measure."""
+    """Run one method end to end: propose, check the budget, slim, train the found network, measure."""
     t0 = time.perf_counter()
+    final = ctx.final
+    if final not in FINALS:
+        raise ConfigError(f"--final {final}: choose {', '.join(FINALS)}")
     proposal = get_method(name)(ctx)
     widths = widths_of(proposal.keep)
     check_widths(ctx.structure, widths, ctx.channel_multiple)
     achieved = ctx.cost(widths)
     assert_within(ctx.budget.metric, achieved, ctx.target_cost, ctx.budget.tolerance)
-    if proposal.finetuned and proposal.compact is not None:
-        model = proposal.compact
-    else:
-        model = slim(proposal.source, ctx.structure, proposal.keep)
-        if proposal.from_scratch:
-            reinitialize(model, ctx.seed)
-        ckpt = None if ctx.run_dir is None else Path(ctx.run_dir) / "finetune.pt"
-        cfg = replace(ctx.finetune, epochs=ctx.finetune.epochs + proposal.extra_finetune_epochs)
-        train(model, ctx.data.train, cfg, val_set=ctx.data.val, checkpoint=ckpt,
-              teacher=ctx.baseline if ctx.finetune.distill_alpha > 0 else None, desc=f"{name} fine-tune")
-    model.eval()
+    final = proposal.final or final
+    if final != "inherit" and ctx.scratch is None:
+        raise ConfigError(f"--final {final}: this context has no from-scratch schedule (SearchContext.scratch)")
+    candidates: dict[str, nn.Module] = {}
+    if final in ("inherit", "best"):
+        candidates["inherit"] = _inherit(name, ctx, proposal)
+    if final in ("scratch", "best"):
+        candidates["scratch"] = _scratch(name, ctx, proposal)
+    val = {k: evaluate(m, ctx.data.val) for k, m in candidates.items()}
+    chosen = max(candidates, key=lambda k: (val[k], k == "inherit"))  # a tie keeps the inherited network
+    model = candidates[chosen].eval()
     metrics = measure(ctx, widths, model)
+    metrics["final"] = chosen
+    metrics["final_val_top1"] = {k: round(v, 2) for k, v in val.items()}
     metrics["wall_s"] = round(time.perf_counter() - t0, 1)
-    return SearchResult(name, ArchSpec(ctx.structure.model_name, widths, proposal.keep), model, metrics,
-                        proposal.history)
+    history = [*proposal.history, {"final": chosen, "val_top1": metrics["final_val_top1"]}]
+    return SearchResult(name, ArchSpec(ctx.structure.model_name, widths, proposal.keep), model, metrics, history)
+
+
+def _teacher(ctx: SearchContext, cfg: TrainConfig) -> nn.Module | None:
+    return ctx.baseline if cfg.distill_alpha > 0 else None
+
+
+def _inherit(name: str, ctx: SearchContext, proposal: Proposal) -> nn.Module:
+    """The found network fine-tuned from the weights the method proposes (or as the method already trained it)."""
+    if proposal.finetuned and proposal.compact is not None:
+        return proposal.compact
+    model = slim(proposal.source, ctx.structure, proposal.keep)
+    if proposal.from_scratch:
+        reinitialize(model, ctx.seed)
+    cfg = replace(ctx.finetune, epochs=ctx.finetune.epochs + proposal.extra_finetune_epochs)
+    train(model, ctx.data.train, cfg, val_set=ctx.data.val, checkpoint=_ckpt(ctx, "finetune.pt"),
+          teacher=_teacher(ctx, cfg), desc=f"{name} fine-tune")
+    return model
+
+
+def _scratch(name: str, ctx: SearchContext, proposal: Proposal) -> nn.Module:
+    """The found architecture, randomly initialized and trained for the protocol's whole epoch budget."""
+    assert ctx.scratch is not None
+    model = reinitialize(slim(copy_baseline(ctx), ctx.structure, proposal.keep), ctx.seed)
+    train(model, ctx.data.train, ctx.scratch, val_set=ctx.data.val, checkpoint=_ckpt(ctx, "scratch.pt"),
+          teacher=_teacher(ctx, ctx.scratch), desc=f"{name} from scratch")
+    return model
+
+
+def _ckpt(ctx: SearchContext, name: str) -> Path | None:
+    return None if ctx.run_dir is None else Path(ctx.run_dir) / name
 
 
 def measure(ctx: SearchContext, widths: dict[str, int], model: nn.Module) -> dict:

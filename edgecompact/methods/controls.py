@@ -1,29 +1,42 @@
-"""Controls every search method must beat (Liu et al. 2019; Blalock et al. 2020), fine-tuned on the same budget.
+"""Controls every search method must beat (Liu et al. 2019; Blalock et al. 2020), at the same budget and epochs.
 
 `uniform`: one width multiplier on every group, bisected to the budget, keeping each group's first channels
-(no importance criterion at all). `random`: the same widths, with the kept channels drawn at random.
-Both fine-tune for the search methods' search epochs plus their fine-tune epochs, so that every method and
-control gets the same number of training epochs after the baseline (a method's gain must not be extra training).
+(no importance criterion at all), fine-tuned from the baseline's weights. `random`: the same widths, with the
+kept channels drawn at random. Both fine-tune for the search methods' search epochs plus their fine-tune epochs,
+so that every method and control gets the same number of training epochs after the baseline.
+`uniform-scratch`: the same uniform widths, randomly initialized and trained for every epoch the protocol gives a
+method (baseline + search + fine-tune): Liu et al.'s Scratch-E, the control a user tries first.
+`uniform-depth-scratch`: the compound control for depth pruning and latency budgets: whole residual blocks removed
+evenly in every stage (the last droppable ones of each stage), then one width multiplier fitted to the budget,
+trained from scratch like `uniform-scratch`. Without `--set depth=F` it keeps F = (target / baseline cost)^(1/3)
+of each stage's droppable blocks, the cube-root split of compound scaling (cost ~ depth x width^2).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from edgecompact.budget import fit_uniform
+from edgecompact.errors import ConfigError
 from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, register_method
+from edgecompact.structure import Structure
 
 
 def _uniform_widths(ctx: SearchContext) -> dict[str, int]:
     return fit_uniform(ctx.structure, ctx.cost, ctx.target_cost, ctx.budget.tolerance, ctx.channel_multiple)
 
 
+def _first(widths: dict[str, int]) -> dict[str, list[int]]:
+    return {g: list(range(w)) for g, w in widths.items()}
+
+
 @register_method("uniform")
 def uniform(ctx: SearchContext) -> Proposal:
     widths = _uniform_widths(ctx)
-    keep = {g: list(range(w)) for g, w in widths.items()}
-    return Proposal(keep=keep, source=copy_baseline(ctx), history=[{"widths": widths}],
-                    extra_finetune_epochs=ctx.search_epochs)
+    return Proposal(keep=_first(widths), source=copy_baseline(ctx), history=[{"widths": widths}],
+                    extra_finetune_epochs=ctx.search_epochs, final="inherit")
 
 
 @register_method("random")
@@ -32,4 +45,51 @@ def random(ctx: SearchContext) -> Proposal:
     gen = torch.Generator().manual_seed(ctx.seed)
     keep = {g: sorted(torch.randperm(ctx.structure.groups[g], generator=gen)[:w].tolist()) for g, w in widths.items()}
     return Proposal(keep=keep, source=copy_baseline(ctx), history=[{"widths": widths}],
-                    extra_finetune_epochs=ctx.search_epochs)
+                    extra_finetune_epochs=ctx.search_epochs, final="inherit")
+
+
+@register_method("uniform-scratch")
+def uniform_scratch(ctx: SearchContext) -> Proposal:
+    widths = _uniform_widths(ctx)
+    return Proposal(keep=_first(widths), source=copy_baseline(ctx), history=[{"widths": widths}], final="scratch")
+
+
+def dropped_blocks(structure: Structure, keep_fraction: float) -> list[str]:
+    """The droppable residual blocks to remove: in each stage (blocks sharing a parent module), all but
+    round(keep_fraction x the stage's droppable blocks), the last ones first."""
+    stages: dict[str, list[str]] = {}
+    for block in structure.blocks():
+        stages.setdefault(block.rpartition(".")[0], []).append(block)
+    out = []
+    for blocks in stages.values():
+        keep = max(0, min(len(blocks), round(keep_fraction * len(blocks))))
+        out += blocks[keep:]
+    return out
+
+
+@register_method("uniform-depth-scratch")
+def uniform_depth_scratch(ctx: SearchContext) -> Proposal:
+    if not ctx.structure.droppable:
+        raise ConfigError("uniform-depth-scratch: this model has no removable residual blocks here "
+                          "(pass --drop-blocks, with a zoo ResNet)")
+    unknown = sorted(set(ctx.options) - {"depth"})
+    if unknown:
+        raise ConfigError(f"--set {unknown[0]}: not a uniform-depth-scratch option (known: depth)")
+    default = (ctx.target_cost / ctx.baseline_cost) ** (1 / 3)
+    try:
+        depth = float(ctx.options.get("depth", default))
+    except ValueError:
+        raise ConfigError(f"--set depth={ctx.options['depth']}: expected a fraction in [0, 1]") from None
+    if not 0 <= depth <= 1:
+        raise ConfigError(f"--set depth={depth:g}: expected a fraction in [0, 1]")
+    removed = dropped_blocks(ctx.structure, depth)
+    zero = {g: 0 for b in removed for g in ctx.structure.blocks()[b]}
+    rest = replace(ctx.structure, groups={g: f for g, f in ctx.structure.groups.items() if g not in zero},
+                   droppable={})
+
+    def cost(widths: dict[str, int]) -> float:
+        return ctx.cost({**widths, **zero})
+
+    widths = {**fit_uniform(rest, cost, ctx.target_cost, ctx.budget.tolerance, ctx.channel_multiple), **zero}
+    return Proposal(keep=_first(widths), source=copy_baseline(ctx), final="scratch",
+                    history=[{"widths": widths, "depth": round(depth, 4), "removed_blocks": removed}])

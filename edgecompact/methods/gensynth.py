@@ -33,7 +33,9 @@ OPTIONS: dict[str, object] = {
     "cycles": 4,  # K: compaction cycles, geometric steps from the baseline's cost to the budget
     "samples": 4,  # networks synthesized per cycle (seeds); sample 0 is G's mode (no noise)
     "steps": 0,  # fine-tune steps per trained network; 0: search_epochs of training spread over the cycles
-    "mimic": 0.5,  # weight of the prototype's soft outputs in the cycles' fine-tunes (the final follows --distill)
+    # weight of the prototype's soft outputs in the cycles' fine-tunes; "distill": the run's --distill weight, so
+    # that GenSynth distils exactly when every other method does (the final training follows --distill)
+    "mimic": "distill",
     "train": "best",  # which samples a cycle fine-tunes: "best" (the selected one, after screening) or "all"
     "screen": "utility",  # train=best: rank untrained samples by "utility" (U) or "loss" (on the stimuli)
     "utility": "netscore",  # U: "netscore" (m = MACs), "netscore-latency" (m = predicted ms) or "top1"
@@ -72,6 +74,12 @@ def options(ctx: SearchContext) -> dict:
         except (TypeError, ValueError):
             raise ConfigError(f"--set {key}={value}: expected {type(default).__name__}") from None
         out[key] = value
+    if out["mimic"] == "distill":
+        out["mimic"] = ctx.finetune.distill_alpha
+    try:
+        out["mimic"] = float(out["mimic"])
+    except ValueError:
+        raise ConfigError(f"--set mimic={out['mimic']}: expected a weight in [0, 1] or 'distill'") from None
     checks = [("cycles", out["cycles"] >= 1), ("samples", out["samples"] >= 1), ("steps", out["steps"] >= 0),
               ("utility", out["utility"] in UTILITIES), ("accuracy_tolerance", out["accuracy_tolerance"] >= 0),
               ("temperature", out["temperature"] >= 0), ("step", 0 < out["step"] <= 1),
