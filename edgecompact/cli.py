@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from edgecompact.errors import ConfigError, UserError
+from edgecompact.storage import exclusive, full_disk
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -20,10 +24,21 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve_model(args: argparse.Namespace, spec: str):
-    """(model, size, classes) for a zoo name (defaults: its paper setting) or a user's file.py:factory."""
+    """(model, size, classes) for a zoo name (defaults: its paper setting), a user's file.py:factory or an ONNX
+    file (its own input size when --input-size is not given)."""
     from edgecompact.models import load_model, model_defaults
 
     size, classes = args.input_size, args.num_classes
+    if spec.endswith(".onnx"):
+        import torch
+
+        from edgecompact.models.onnx_import import onnx_input_size
+
+        size = size or onnx_input_size(Path(spec))
+        model = load_model(spec, num_classes=classes, in_channels=args.in_channels, input_size=size)
+        with torch.no_grad():
+            out = model(torch.zeros(1, args.in_channels, size, size))
+        return model, size, classes or int(out.shape[1])
     if ":" not in spec:
         d = model_defaults(spec)
         size, classes = size or d.input_size, classes or d.num_classes
@@ -75,7 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out: cannot create {out}: {e.strerror}") from None
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       augment=args.augment)
-    hist = train(model, data.train, cfg, val_set=data.val, checkpoint=out / "checkpoint.pt", desc=args.model)
+    with exclusive(out, f"--out {out}", _log):
+        hist = train(model, data.train, cfg, val_set=data.val, checkpoint=out / "checkpoint.pt", desc=args.model)
     test = data.test if data.test is not None else data.val
     shape = (data.in_channels, data.input_size, data.input_size)
     result = {"model": args.model, "dataset": data.name, "top1": round(evaluate(model, test), 2),
@@ -120,8 +136,9 @@ def cmd_search(args: argparse.Namespace) -> int:
                       epochs=args.epochs, finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       channel_multiple=args.channel_multiple, drop_blocks=args.drop_blocks,
-                      precision=args.precision, profile=args.profile, tune_trials=args.tune_trials,
-                      distill=args.distill, final=args.final,
+                      precision=args.precision, profile=args.profile, weights=args.weights,
+                      tune_trials=args.tune_trials,
+                      distill=args.distill, final=args.final, measure_rounds=args.measure_rounds,
                       options=_parse_options(args.set))
     name = args.model.split(":")[-1].replace("/", "_")
     out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{args.method}-{name}")
@@ -129,8 +146,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         from edgecompact.rpc import parse_address
 
         parse_address(args.rpc)  # a malformed HOST:PORT fails before any training
-    doc = run_search(spec, out, force=args.force, deploy=not args.no_deploy, rpc_tracker=args.rpc,
-                     rpc_key=args.key, log=_log)
+    with exclusive(out, f"--out {out}", _log):  # one process per run directory
+        doc = run_search(spec, out, force=args.force, deploy=not args.no_deploy, rpc_tracker=args.rpc,
+                         rpc_key=args.key, log=_log)
     print(markdown_table(doc))
     print(f"run directory: {out}")
     return 0
@@ -180,14 +198,9 @@ def _model_for_export(args: argparse.Namespace):
         args.num_classes, args.input_size = data.num_classes, data.input_size
     model, size, _ = _resolve_model(args, args.source)
     if args.weights:
-        from edgecompact.train import load_checkpoint
+        from edgecompact.models import load_weights
 
-        state = load_checkpoint(Path(args.weights))
-        try:
-            model.load_state_dict(state.get("model", state))
-        except (RuntimeError, AttributeError) as e:
-            raise ConfigError(f"--weights {args.weights}: does not fit {args.source} "
-                              f"({str(e).splitlines()[0][:150]})") from None
+        load_weights(model, Path(args.weights), args.source)
     return model.eval(), (1, args.in_channels, size, size), data, Path("artifacts") / args.source.split(":")[-1]
 
 
@@ -291,8 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("targets", help="list the targets").set_defaults(fn=cmd_targets)
 
     p = sub.add_parser("search", help="find, fine-tune and deploy a compact architecture under a budget")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", default="digits")
+    p.add_argument("--model", required=True, help="zoo name, path/to/file.py:factory, package.module:factory or "
+                   "path/to/model.onnx (trained: it is not retrained)")
+    p.add_argument("--weights", default=None, metavar="FILE", help="the model's trained weights (torch state dict, "
+                   "read weights_only, or .safetensors): the baseline is evaluated, not trained")
+    p.add_argument("--data", default="digits", help="digits | fashion-mnist[:PATH] | mnist:PATH | cifar10:PATH | "
+                   "cifar100:PATH | imagenet64:PATH | folder:DIR (DIR/train/<class>/*.png|jpg, + val/, test/)")
     p.add_argument("--method", required=True)
     p.add_argument("--budget", default="1/3x", help="1/3x or 0.33x (of the baseline), 48M, 120k, 12ms")
     p.add_argument("--metric", choices=["flops", "params", "latency"], default=None)
@@ -309,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final", choices=["inherit", "scratch", "best"], default="best",
                    help="final training of the found network: inherit (fine-tune its weights), scratch (random init, "
                    "baseline + search + fine-tune epochs) or best (both; the higher validation top-1 wins)")
+    p.add_argument("--measure-rounds", type=int, default=None, metavar="N", help="a latency budget on a target "
+                   "that runs here is met on measured ms: the found widths are timed paired with the baseline and "
+                   "re-fitted, at most N timed rounds (default 3; 0: predicted latency only)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
@@ -387,16 +407,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_in(owner: int):
+    """A handler making SIGTERM (a scheduler) and SIGINT (Ctrl-C) unwind process `owner` like Ctrl-C: files are
+    written atomically and checkpoints after each epoch, so the last complete ones stay; locks are released on
+    the way out. A forked child (e.g. a TVM tracker) dies of the signal as it would have without it."""
+
+    def interrupt(signum: int, _frame) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the unwinding short
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    return interrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        handler = _interrupt_in(os.getpid())
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return args.fn(args)
     except UserError as e:
         print(f"edgecompact: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("edgecompact: interrupted (re-run the same command to resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        name = str(e.args[0]) if e.args and str(e.args[0]).startswith("SIG") else "SIGINT"
+        out = getattr(args, "out", None)
+        print(f"edgecompact: interrupted by {name}: finished epochs and measurements are kept"
+              f"{f' in {out}' if out else ''}; re-run the same command to resume", file=sys.stderr)
+        return 128 + signal.Signals[name].value
+    except OSError as e:  # a full disk where no atomic writer caught it (e.g. a report or an export)
+        if (reason := full_disk(e)) is None:
+            raise
+        where = e.filename or getattr(args, "out", None)
+        print(f"edgecompact: error: writing {where or 'a file'}: {reason}; free some space and re-run the same "
+              "command", file=sys.stderr)
+        return 2
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 if __name__ == "__main__":

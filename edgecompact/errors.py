@@ -22,3 +22,8 @@ class BudgetError(UserError):
 
 class DeployError(UserError):
     """An export, compile or run step cannot be done with the given input or toolchain."""
+
+
+class StorageError(UserError):
+    """A file cannot be written: the disk is full, a quota or file-size limit is hit, or another process holds
+    the run directory or table. The previous version of the file is kept."""

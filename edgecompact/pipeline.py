@@ -7,23 +7,23 @@ budgets the same way. Stages stay plain functions on plain data; this file only 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from edgecompact.budget import Budget, check_budget, min_widths, parse_budget
 from edgecompact.cost.flops import arch_flops, arch_params
 from edgecompact.data import DataSplits
 from edgecompact.errors import ConfigError
+from edgecompact.latency_loop import MEASURE_ROUNDS, measurer_for
 from edgecompact.methods.base import SearchContext
+from edgecompact.storage import read_json, write_atomic, write_text_atomic
 from edgecompact.structure import Structure, analyze
-from edgecompact.train import TrainConfig, evaluate, load_checkpoint, train
+from edgecompact.train import TrainConfig, evaluate, load_checkpoint, save_atomic, train
 
 
 def latency_model(structure: Structure, target, profile: Path | None = None):
@@ -52,17 +52,22 @@ def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *
                   drop_blocks: bool = False, precision: str = "fp32", target=None, profile: Path | None = None,
                   run_dir: Path | None = None,
                   seed: int = 0, options: dict | None = None, structure: Structure | None = None,
-                  baseline_top1: float | None = None, log=print) -> SearchContext:
+                  baseline_top1: float | None = None, measure_rounds: int = MEASURE_ROUNDS,
+                  log=print) -> SearchContext:
     """A SearchContext for `baseline` (already trained) on `data` under `budget` (a Budget or text like '1/3x').
 
     `scratch` is the schedule of a from-scratch training (the protocol's whole epoch budget), needed by the
-    from-scratch controls and by `final` "scratch" or "best"."""
+    from-scratch controls and by `final` "scratch" or "best". A latency budget on a target that runs here is
+    timed there for up to `measure_rounds` rounds (latency_loop.py; 0: predicted only)."""
     if isinstance(budget, str):
         budget = parse_budget(budget)
     structure = structure or analyze(baseline, (data.in_channels, data.input_size, data.input_size), model_name,
                                      drop_blocks=drop_blocks)
     cost, flops, params, latency, target_cost, baseline_cost = _costs(structure, budget, target, profile,
                                                                       channel_multiple)
+    measure_latency, measure_note = None, ""
+    if budget.metric == "latency":
+        measure_latency, measure_note = measurer_for(target, baseline, structure, precision, data, measure_rounds)
     finetune = finetune or TrainConfig()
     if baseline_top1 is None:
         test = data.test if data.test is not None else data.val
@@ -71,8 +76,9 @@ def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *
         baseline=baseline, structure=structure, data=data, budget=budget, cost=cost, target_cost=target_cost,
         baseline_cost=baseline_cost, flops=flops, params=params, finetune=replace(finetune, seed=seed),
         search_epochs=search_epochs, scratch=None if scratch is None else replace(scratch, seed=seed), final=final,
-        channel_multiple=channel_multiple, precision=precision, latency=latency,
-        baseline_top1=baseline_top1, run_dir=run_dir, seed=seed, options=dict(options or {}), log=log,
+        channel_multiple=channel_multiple, precision=precision, latency=latency, measure_latency=measure_latency,
+        measure_rounds=measure_rounds, measure_note=measure_note, baseline_top1=baseline_top1, run_dir=run_dir,
+        seed=seed, options=dict(options or {}), log=log,
     )
 
 
@@ -127,9 +133,12 @@ class SearchSpec:
     drop_blocks: bool = False  # depth pruning: a residual block whose inner channels all go is removed
     precision: str | None = None  # None: the target's
     profile: str | None = None
+    weights: str | None = None  # the baseline's trained weights (torch state dict or .safetensors): not retrained
     tune_trials: int = 0  # MetaSchedule trials per task when compiling the deployed models (0: untuned TVM)
     distill: float = 0.0  # weight of the baseline's soft targets in every fine-tune (knowledge distillation)
     final: str = "best"  # final training of the found architecture: inherit | scratch | best (on validation)
+    measure_rounds: int | None = None  # a latency budget's timed rounds on a target that runs here (0: predicted
+    # only); None: latency_loop.MEASURE_ROUNDS
     options: dict = field(default_factory=dict)
 
 
@@ -141,7 +150,10 @@ def prepare_run_dir(run_dir: Path, spec: SearchSpec, force: bool) -> None:
         if cfg_path.is_file():
             try:  # through SearchSpec, so that a run made before a new key was added still resumes
                 old = asdict(SearchSpec(**json.loads(cfg_path.read_text())))
-            except (json.JSONDecodeError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+                if not force:
+                    raise ConfigError(f"{cfg_path}: malformed run configuration ({type(e).__name__}: "
+                                      f"{str(e)[:150]}); repair it or pass --force to start the run over") from None
                 old = None
             if old == asdict(spec):
                 return  # same search: resume
@@ -150,22 +162,27 @@ def prepare_run_dir(run_dir: Path, spec: SearchSpec, force: bool) -> None:
         shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cfg_path, json.dumps(asdict(spec), indent=1))
+        write_text_atomic(cfg_path, json.dumps(asdict(spec), indent=1))
     except OSError as e:
         raise ConfigError(f"--out: cannot write to {run_dir}: {e.strerror}") from None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def load_baseline(spec: SearchSpec, data: DataSplits) -> nn.Module:
-    from edgecompact.models import load_model
+    """The baseline of `spec` for `data`, with the user's trained weights when it comes with some."""
+    from edgecompact.models import load_model, load_weights
 
-    return load_model(spec.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                      input_size=data.input_size)
+    if spec.weights and spec.model.endswith(".onnx"):
+        raise ConfigError(f"--weights {spec.weights}: an ONNX model carries its own weights; drop --weights")
+    model = load_model(spec.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                       input_size=data.input_size)
+    if spec.weights:
+        load_weights(model, Path(spec.weights), spec.model)
+    return model
+
+
+def baseline_given(spec: SearchSpec) -> bool:
+    """Whether the user's baseline comes trained (--weights, or an ONNX model): it is then evaluated, not trained."""
+    return bool(spec.weights) or spec.model.endswith(".onnx")
 
 
 def train_baseline(model: nn.Module, data: DataSplits, cfg: TrainConfig, run_dir: Path, log=print) -> float:
@@ -176,7 +193,7 @@ def train_baseline(model: nn.Module, data: DataSplits, cfg: TrainConfig, run_dir
     else:
         log(f"training the baseline: {cfg.epochs} epochs")
         train(model, data.train, cfg, val_set=data.val, checkpoint=run_dir / "baseline.ckpt", desc="baseline")
-        torch.save({"model": model.state_dict()}, done)
+        save_atomic({"model": model.state_dict()}, done)
         (run_dir / "baseline.ckpt").unlink(missing_ok=True)
     model.eval()
     return evaluate(model, data.test if data.test is not None else data.val)
@@ -197,9 +214,14 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
         raise ConfigError(f"--distill {spec.distill:g}: expected a weight in [0, 1]")
     if spec.final not in FINALS:
         raise ConfigError(f"--final {spec.final}: choose {', '.join(FINALS)}")
+    measure_rounds = MEASURE_ROUNDS if spec.measure_rounds is None else spec.measure_rounds
+    if measure_rounds < 0:
+        raise ConfigError(f"--measure-rounds {measure_rounds}: expected 0 (predicted only) or more")
     budget = parse_budget(spec.budget, spec.metric, spec.tolerance)
     run_dir = Path(run_dir)
     data = load_dataset(spec.data, input_size=spec.input_size, limit=spec.limit, seed=spec.seed)
+    for note in data.notes:
+        log(note)
     model = load_baseline(spec, data)
     multiple = spec.channel_multiple or target.channel_multiple
     precision = spec.precision or target.precision
@@ -210,29 +232,40 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     prepare_run_dir(run_dir, spec, force)
     cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed)
     t0 = time.perf_counter()
-    base_top1 = train_baseline(model, data, cfg, run_dir, log)
+    given = baseline_given(spec)
+    if given:
+        log(f"baseline: {spec.weights or spec.model} as given, not trained; from-scratch trainings get "
+            f"{total_epochs(spec)} epochs (--epochs {spec.epochs} + search + fine-tune: the baseline's own are unknown)")
+        base_val = evaluate(model.eval(), data.val)
+        base_top1 = evaluate(model, data.test if data.test is not None else data.val)
+    else:
+        base_top1 = train_baseline(model, data, cfg, run_dir, log)
     base_wall = time.perf_counter() - t0
-    _write_atomic(run_dir / "structure.json", json.dumps(structure.to_dict()))
+    write_text_atomic(run_dir / "structure.json", json.dumps(structure.to_dict()))
+    write_text_atomic(run_dir / "preprocess.json", json.dumps(preprocessing(data), indent=1))
     ctx = build_context(model, data, budget, model_name=spec.model,
                         finetune=replace(cfg, epochs=spec.finetune_epochs, distill_alpha=spec.distill),
                         search_epochs=spec.search_epochs, final=spec.final,
                         scratch=replace(cfg, epochs=total_epochs(spec), distill_alpha=spec.distill),
                         channel_multiple=multiple, precision=precision, target=target, profile=profile,
                         run_dir=run_dir, seed=spec.seed, options=spec.options, structure=structure,
-                        baseline_top1=base_top1, log=log)
+                        baseline_top1=base_top1, measure_rounds=measure_rounds, log=log)
     lat_source = latency_model(structure, target, profile)[1]
     result_path = run_dir / "result.json"
     if result_path.is_file() and (run_dir / "compact.pt").is_file():
         log(f"{spec.method}: already finished in {run_dir}; rebuilding the report")
-        result = json.loads(result_path.read_text())
+        result = read_json(result_path)
+        if not (run_dir / "compact.safetensors").is_file():  # finished before it was written
+            write_safetensors(load_compact(run_dir)[0], run_dir / "compact.safetensors", spec)
     else:
         log(f"searching with {spec.method}: {budget.describe()} on {target.name}")
         res = run_method(spec.method, ctx)
         res.arch.save(run_dir / "arch.json")
-        torch.save({"model": res.model.state_dict()}, run_dir / "compact.pt")
-        _write_atomic(run_dir / "history.json", json.dumps(res.history, indent=1, default=str))
+        save_atomic({"model": res.model.state_dict()}, run_dir / "compact.pt")
+        write_safetensors(res.model, run_dir / "compact.safetensors", spec)
+        write_text_atomic(run_dir / "history.json", json.dumps(res.history, indent=1, default=str))
         result = dict(res.metrics, widths=res.arch.widths)
-        _write_atomic(result_path, json.dumps(result, indent=1))
+        write_text_atomic(result_path, json.dumps(result, indent=1))
     base_widths = structure.baseline_widths()
     baseline_metrics = {"mflops": round(ctx.flops(base_widths) / 1e6, 3), "params": int(ctx.params(base_widths)),
                         "top1": round(base_top1, 2), "wall_s": round(base_wall, 1), "widths": base_widths}
@@ -240,6 +273,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
         baseline_metrics["latency_ms"] = {"predicted": round(ctx.latency(base_widths), 4)}
     records = [result_record("baseline", spec, baseline_metrics, target.name, lat_source),
                result_record(spec.method, spec, result, target.name, lat_source)]
+    if given:  # the user's trained baseline: say so, with what it scored on both splits
+        records[0].update(given=spec.weights or spec.model, val_top1=round(base_val, 2))
     if deploy:
         from edgecompact.deploy_stage import deploy_run
 
@@ -248,8 +283,15 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
                    tune_trials=spec.tune_trials, baseline_dir=baseline_artifact, rpc_tracker=rpc_tracker,
                    rpc_key=rpc_key, log=log)
     command = " ".join(["edgecompact", *sys.argv[1:]])
-    report = write_report(run_dir, records, command=command, protocol=_protocol(spec))
+    report = write_report(run_dir, records, command=command, protocol=_protocol(spec, data.notes))
     return report
+
+
+def preprocessing(data: DataSplits) -> dict:
+    """What the run's models expect of an image, for a user who feeds them elsewhere (preprocess.json)."""
+    return {"input_shape": [data.in_channels, data.input_size, data.input_size],
+            "normalize": "pixels scaled to [0, 1], then (x - mean) / std per channel (train split statistics)",
+            "mean": list(data.mean), "std": list(data.std), "classes": list(data.classes)}
 
 
 def total_epochs(spec: SearchSpec) -> int:
@@ -257,12 +299,28 @@ def total_epochs(spec: SearchSpec) -> int:
     return spec.epochs + spec.search_epochs + spec.finetune_epochs
 
 
-def _protocol(spec: SearchSpec) -> str:
+def _protocol(spec: SearchSpec, notes: tuple[str, ...] = ()) -> str:
+    if baseline_given(spec):
+        epochs = (f"baseline given ({spec.weights or spec.model}, not trained), {spec.search_epochs} search + "
+                  f"{spec.finetune_epochs} fine-tune epochs (from scratch: {total_epochs(spec)}, counting "
+                  f"--epochs {spec.epochs} for the baseline's unknown own)")
+    else:
+        epochs = (f"{spec.epochs} baseline + {spec.search_epochs} search + {spec.finetune_epochs} fine-tune epochs "
+                  f"(from scratch: {total_epochs(spec)})")
     return (f"{spec.model}, {spec.data}{f' ({spec.limit} train)' if spec.limit else ''}, "
-            f"{spec.epochs} baseline + {spec.search_epochs} search + {spec.finetune_epochs} fine-tune epochs "
-            f"(from scratch: {total_epochs(spec)}), final training {spec.final} (chosen on validation), "
+            f"{epochs}, final training {spec.final} (chosen on validation), "
             f"budget {spec.budget} {spec.metric or ''}".strip()
-            + (f", distillation {spec.distill:g}" if spec.distill else ""))
+            + (f", distillation {spec.distill:g}" if spec.distill else "") + "".join(f"; {n}" for n in notes))
+
+
+def write_safetensors(model: nn.Module, path: Path, spec: SearchSpec) -> None:
+    """The compact model's weights as safetensors (tensors only: readable without pickle, from any framework);
+    arch.json beside it holds the widths and kept channels that rebuild the module (`edgecompact.load_compact`)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    blob = save(tensors, metadata={"format": "pt", "model": spec.model, "architecture": "arch.json"})
+    write_atomic(path, lambda f: f.write(blob))
 
 
 def load_compact(run_dir: Path) -> tuple[nn.Module, SearchSpec, Structure]:
@@ -275,18 +333,28 @@ def load_compact(run_dir: Path) -> tuple[nn.Module, SearchSpec, Structure]:
         raise ConfigError(f"{run_dir}: not a run directory (no config.json)")
     try:
         spec = SearchSpec(**json.loads(cfg_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise ConfigError(f"{cfg_path}: malformed ({e})") from None
     for name in ("arch.json", "compact.pt", "structure.json"):
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir}: the search has not finished ({name} missing); re-run the search to resume")
-    structure = Structure.from_dict(json.loads((run_dir / "structure.json").read_text()))
-    c, h, _ = structure.input_shape
+    try:
+        structure = Structure.from_dict(read_json(run_dir / "structure.json"))
+        c, h, _ = structure.input_shape
+        n_classes = next(layer.out_channels for layer in reversed(structure.layers) if layer.out_group is None)
+    except (KeyError, TypeError, ValueError, AttributeError, StopIteration) as e:
+        raise ConfigError(f"{run_dir / 'structure.json'}: not a valid structure ({type(e).__name__}: {e})") from None
     from edgecompact.models import load_model
 
-    n_classes = next(layer.out_channels for layer in reversed(structure.layers) if layer.out_group is None)
     base = load_model(spec.model, num_classes=n_classes, in_channels=c, input_size=h)
     arch = ArchSpec.load(run_dir / "arch.json")
-    model = slim(base, structure, arch.keep)
-    model.load_state_dict(load_checkpoint(run_dir / "compact.pt")["model"])
+    try:  # a hand-edited arch.json: unknown groups, no `keep`, indices out of range
+        model = slim(base, structure, arch.keep or {})
+    except (ConfigError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"{run_dir / 'arch.json'}: does not fit this run's model ({e})") from None
+    try:
+        model.load_state_dict(load_checkpoint(run_dir / "compact.pt")["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"{run_dir / 'compact.pt'}: does not fit arch.json "
+                          f"({str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__})") from None
     return model.eval(), spec, structure

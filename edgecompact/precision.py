@@ -1,8 +1,10 @@
-"""Accuracy at the deployment precision: fp32 as is, fp16 by running the model in half, int8 by fake quantization.
+"""The search's fast proxy for accuracy at the deployment precision: fp32 as is, fp16 by running the model in half,
+int8 by fake quantization. The figure reported is the runtime's own (`edgecompact.deploy.onnx.runtime_top1`).
 
 The int8 scheme is onnxruntime's static QDQ quantization as the deploy stage calls it (`quantize_static`,
-QuantFormat.QDQ, per_channel=True, weights QInt8, activations QUInt8, MinMax calibration, no reduce_range):
-per-output-channel symmetric int8 weights (scale = max|w| / 127), and one asymmetric uint8 scale and zero point per
+QuantFormat.QDQ, per_channel=True, weights QInt8, activations QUInt8, MinMax calibration, reduce_range as the
+CPU needs: `edgecompact.cpu.Int8Scheme`): per-output-channel symmetric int8 weights (scale = max|w| / 127, or
+max|w| / 64 with reduce_range), and one asymmetric uint8 scale and zero point per
 activation tensor of the exported graph, from the min/max seen on calibration inputs by the float model. The graph
 ORT quantizes has BatchNorm folded into the conv and a ReLU/Clip merged into the tensor it follows, so those
 tensors are not quantized separately here either. The (folded) bias is rounded to int32 with scale
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils.data import TensorDataset
 
+from edgecompact.cpu import Int8Scheme, int8_scheme
 from edgecompact.errors import ConfigError
 from edgecompact.targets import PRECISIONS
 from edgecompact.train import evaluate
@@ -34,15 +37,17 @@ def calibration_inputs(dataset: TensorDataset, count: int = 256) -> torch.Tensor
 
 
 def evaluate_at_precision(model: nn.Module, dataset: TensorDataset, precision: str,
-                          calib: torch.Tensor | None = None) -> float:
+                          calib: torch.Tensor | None = None, scheme: Int8Scheme | None = None) -> float:
     """Top-1 % of `model` on `dataset` when deployed at `precision` ("fp32", "fp16" or "int8").
 
-    `calib` (inputs, N x C x H x W) is required for int8: the activation ranges come from it.
+    `calib` (inputs, N x C x H x W) is required for int8: the activation ranges come from it. `scheme`: the int8
+    settings (default: this CPU's, `int8_scheme()`).
     """
-    return evaluate(at_precision(model, precision, calib), dataset)
+    return evaluate(at_precision(model, precision, calib, scheme), dataset)
 
 
-def at_precision(model: nn.Module, precision: str, calib: torch.Tensor | None = None) -> nn.Module:
+def at_precision(model: nn.Module, precision: str, calib: torch.Tensor | None = None,
+                 scheme: Int8Scheme | None = None) -> nn.Module:
     """A copy of `model` (eval mode) that computes at `precision`, taking and returning float32."""
     if precision == "fp32":
         return copy.deepcopy(model).eval()
@@ -51,7 +56,7 @@ def at_precision(model: nn.Module, precision: str, calib: torch.Tensor | None = 
     if precision == "int8":
         if calib is None:
             raise ValueError("int8 evaluation needs calibration inputs")
-        return quantize_int8(model, calib)
+        return quantize_int8(model, calib, scheme)
     raise ConfigError(f"--precision: unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
 
 
@@ -66,8 +71,11 @@ class Half(nn.Module):
         return self.model(x.half()).float()
 
 
-def quantize_int8(model: nn.Module, calib: torch.Tensor, batch_size: int = 256) -> fx.GraphModule:
-    """A fake-quantized copy of `model` (eval mode): int8 weights, uint8 activations calibrated on `calib`."""
+def quantize_int8(model: nn.Module, calib: torch.Tensor, scheme: Int8Scheme | None = None,
+                  batch_size: int = 256) -> fx.GraphModule:
+    """A fake-quantized copy of `model` (eval mode): int8 weights, uint8 activations calibrated on `calib`,
+    under `scheme` (default: this CPU's)."""
+    qmax = (scheme or int8_scheme()).weight_qmax
     try:
         gm = fx.symbolic_trace(copy.deepcopy(model).eval())
     except Exception as e:  # noqa: BLE001 - any tracing failure means the same thing to the user
@@ -92,11 +100,11 @@ def quantize_int8(model: nn.Module, calib: torch.Tensor, batch_size: int = 256) 
         modules = dict(gm.named_modules())
         for node in gm.graph.nodes:
             if _is_module(node, modules, (nn.Conv2d, nn.Linear)):
-                _quantize_layer(node, modules)
+                _quantize_layer(node, modules, qmax)
     return gm
 
 
-def _quantize_layer(node: fx.Node, modules: dict[str, nn.Module]) -> None:
+def _quantize_layer(node: fx.Node, modules: dict[str, nn.Module], qmax: int) -> None:
     """Fake-quantize a conv/linear's weight per channel and its bias (folded with a following BN) to int32."""
     layer = modules[str(node.target)]
     users = list(node.users)
@@ -110,12 +118,12 @@ def _quantize_layer(node: fx.Node, modules: dict[str, nn.Module]) -> None:
     source = node.args[0]
     quant = modules.get(str(source.target)) if isinstance(source, fx.Node) and source.op == "call_module" else None
     if isinstance(quant, ActivationQuant) and quant.scale is not None and (bn is not None or layer.bias is not None):
-        w_scale = _weight_scale(w.float()).double()
+        w_scale = _weight_scale(w.float(), qmax).double()
         b_scale = torch.tensor(quant.scale, dtype=torch.float64) * w_scale
         shift = torch.round(bias / b_scale) * b_scale - bias  # int32 rounding error of the folded bias
         target = bn.bias if bn is not None else layer.bias
         target.add_(shift.to(target.dtype))
-    layer.weight.copy_(fake_quant_weight(layer.weight))
+    layer.weight.copy_(fake_quant_weight(layer.weight, qmax))
 
 
 def _quantized_output(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -180,14 +188,15 @@ def uint8_scale_zero_point(lo: float, hi: float) -> tuple[float, int]:
     return float(torch.tensor(scale, dtype=torch.float32)), zero_point
 
 
-def _weight_scale(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 scale, max|w| / 127 (1 for an all-zero channel, as ORT)."""
+def _weight_scale(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """Per-output-channel symmetric int8 scale, max|w| / qmax (1 for an all-zero channel, as ORT)."""
     absmax = w.detach().abs().reshape(w.shape[0], -1).amax(1).double()
-    scale = (2 * absmax / 254).float()
+    scale = (2 * absmax / (2 * qmax)).float()  # ORT: (rmax - rmin) / (qmax - qmin) in float64, stored float32
     return torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 in [-127, 127]; the scale commutes with BN folding's per-channel factor."""
-    scale = _weight_scale(w).view(-1, *([1] * (w.dim() - 1)))
-    return torch.clamp(torch.round(w / scale), -127, 127) * scale
+def fake_quant_weight(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """Per-output-channel symmetric int8 in [-qmax, qmax] (127, or 64 with reduce_range); the scale commutes with
+    BN folding's per-channel factor."""
+    scale = _weight_scale(w, qmax).view(-1, *([1] * (w.dim() - 1)))
+    return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale

@@ -18,6 +18,7 @@ import os
 import platform
 import queue
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -35,9 +36,11 @@ from tvm import relax
 
 from edgecompact import rpc as ec_rpc
 from edgecompact.cost.latency import Entry, LatencyTable, LayerKey, layer_grid
+from edgecompact.cpu import host_cpu
 from edgecompact.deploy import onnx as eonnx
 from edgecompact.deploy.tvm import compile_relax, export_library, time_executable, tvm_target
-from edgecompact.errors import ConfigError, DeployError
+from edgecompact.errors import ConfigError, DeployError, UserError
+from edgecompact.storage import exclusive
 from edgecompact.structure import Structure
 from edgecompact.targets import RUNTIMES, Target
 
@@ -57,6 +60,7 @@ STATISTIC = (
 DEFAULT_TUNE_TRIALS = 0
 RPC_TIMEOUT_S = 60.0  # longest wait for a free server before a job is given up
 RPC_TRIES = 3  # attempts per grid point when servers die under it
+RPC_JOB_TIMEOUT_S = 120.0  # longest a board may take to accept a session and time one point
 
 Grid = dict[LayerKey, tuple[list[int], list[int]]]
 OnMeasure = Callable[[LayerKey, int, int, float], None]
@@ -218,6 +222,8 @@ def profile(
     db_dir: Path | None = None,
     on_measure: OnMeasure | None = None,
     progress: bool = True,
+    rpc_timeout: float = RPC_JOB_TIMEOUT_S,
+    log: Callable[[str], None] | None = None,
 ) -> LatencyTable:
     """Measure every layer kind of `structure`'s search space on `target` into the table at `out_path`.
 
@@ -227,8 +233,12 @@ def profile(
     onnxruntime intra-op threads (TVM's pool follows TVM_NUM_THREADS). tune_trials: TVM only.
     An existing `out_path` is resumed: recorded points are kept and not measured again; one measured with
     another runtime or setting is refused. `on_measure` is called after each point has been saved.
+    One process at a time fills a table (a lock file beside it; a second is refused in one line). Over RPC, a
+    board that takes longer than `rpc_timeout` s to answer and time a point, or answers garbage, loses the job
+    to another board, with a message through `log` (default: stderr).
     """
     out_path = Path(out_path)
+    log = log or _stderr
     runtime = runtime or target.runtime
     if runtime not in RUNTIMES:
         raise ConfigError(f"--runtime: must be one of {', '.join(RUNTIMES)}, got '{runtime}'")
@@ -244,54 +254,55 @@ def profile(
         raise ConfigError(f"--tune-trials {tune_trials}: tuning applies to TVM tables, not onnxruntime ones")
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
-    if out_path.exists():
-        table = LatencyTable.load(out_path, target)
-        _check_resumable(table, out_path, runtime, tune_trials, threads)
-    else:
-        table = _new_table(structure, target, runtime, rpc, tune_trials, threads)
-    _merge(
-        table, grid if grid is not None else layer_grid(structure, target.precision, target.channel_multiple)
-    )
-    todo = [
-        (key, i, j, ci, co)
-        for key, e in table.entries.items()
-        for i, j, ci, co in e.points()
-        if e.ms[i][j] is None
-    ]
-    total = sum(len(e.points()) for e in table.entries.values())
-    table.save(out_path)
-    bar = tqdm(
-        total=total,
-        initial=total - len(todo),
-        desc=f"profile {target.name} ({runtime})",
-        unit="layer",
-        disable=not progress,
-    )
-
-    def record(job: tuple[LayerKey, int, int, int, int], ms: float) -> None:
-        key, i, j, ci, co = job
-        table.entries[key].ms[i][j] = ms
-        table.provenance["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
-        table.save(out_path)
-        bar.update(1)
-        if on_measure is not None:
-            on_measure(key, ci, co, ms)
-
-    try:
-        if rpc is not None:
-            if todo:
-                _profile_rpc(todo, target, rpc, tune_trials, db_dir, record)
-        elif runtime == "onnxruntime":
-            for job in todo:
-                record(job, _ort_layer_ms(job[0], job[3], job[4], threads))
+    with exclusive(out_path, str(out_path), log):  # one writer per table: no entry is lost to a race
+        if out_path.exists():
+            table = LatencyTable.load(out_path, target)
+            _check_resumable(table, out_path, runtime, tune_trials, threads)
         else:
-            for job in todo:
-                mod, args = layer_module(job[0], job[3], job[4])
-                ex = compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir)
-                record(job, timed_ms(tvm_runs(ex, args)))
-    finally:
-        bar.close()
-    return table
+            table = _new_table(structure, target, runtime, rpc, tune_trials, threads)
+        _merge(
+            table, grid if grid is not None else layer_grid(structure, target.precision, target.channel_multiple)
+        )
+        todo = [
+            (key, i, j, ci, co)
+            for key, e in table.entries.items()
+            for i, j, ci, co in e.points()
+            if e.ms[i][j] is None
+        ]
+        total = sum(len(e.points()) for e in table.entries.values())
+        table.save(out_path)
+        bar = tqdm(
+            total=total,
+            initial=total - len(todo),
+            desc=f"profile {target.name} ({runtime})",
+            unit="layer",
+            disable=not progress,
+        )
+
+        def record(job: tuple[LayerKey, int, int, int, int], ms: float) -> None:
+            key, i, j, ci, co = job
+            table.entries[key].ms[i][j] = ms
+            table.provenance["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
+            table.save(out_path)
+            bar.update(1)
+            if on_measure is not None:
+                on_measure(key, ci, co, ms)
+
+        try:
+            if rpc is not None:
+                if todo:
+                    _profile_rpc(todo, target, rpc, tune_trials, db_dir, record, out_path, rpc_timeout, log)
+            elif runtime == "onnxruntime":
+                for job in todo:
+                    record(job, _ort_layer_ms(job[0], job[3], job[4], threads))
+            else:
+                for job in todo:
+                    mod, args = layer_module(job[0], job[3], job[4])
+                    ex = compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir)
+                    record(job, timed_ms(tvm_runs(ex, args)))
+        finally:
+            bar.close()
+        return table
 
 
 def _new_table(
@@ -302,7 +313,8 @@ def _new_table(
     tune_trials: int,
     threads: int,
 ) -> LatencyTable:
-    where = f"over RPC (key '{rpc[2]}')" if rpc else f"local ({platform.processor() or platform.machine()})"
+    # a local table holds this CPU's numbers: name the CPU and its ISA (vector width decides the kernels)
+    where = f"over RPC (key '{rpc[2]}')" if rpc else f"local ({platform.machine()} {host_cpu().describe()})"
     common = {
         "space": structure.model_name,
         "runtime": runtime,
@@ -366,76 +378,130 @@ def _profile_rpc(
     tune_trials: int,
     db_dir: Path | None,
     record: Callable[[tuple, float], None],
+    table_path: Path,
+    job_timeout: float,
+    log: Callable[[str], None],
 ) -> None:
-    """Spread jobs over every server under the key: one thread per server, one session per job (so a dead
-    server only costs a retry), compiles serialized here, results recorded by the calling thread."""
+    """Spread jobs over every server under the key: one thread per server, one session per job, compiles
+    serialized here, results recorded (and saved) by the calling thread as they come.
+
+    A job whose board fails (it died, answered garbage, or did not answer and time the point within
+    `job_timeout` s) goes back to the queue and so to another board: the tracker hands a board out once per
+    session, and a hung one never comes back. A thread stuck on a hung board is abandoned (TVM's handshake
+    cannot be interrupted) and replaced. When the tracker goes away, the jobs on boards finish and are saved,
+    then the run stops with the count of saved points."""
     host, port, key = rpc
-    n_servers = ec_rpc.servers_under_key((host, port), key)
+    tracker = (host, port)
+    n_servers = ec_rpc.servers_under_key(tracker, key)
     if n_servers == 0:
         raise ConfigError(f"--key: no RPC server is registered under key '{key}' at tracker {host}:{port}")
-    jobs: queue.Queue = queue.Queue()
+    jobs: queue.Queue = queue.Queue()  # (job, tries); None wakes a worker to stop
     for job in todo:
         jobs.put((job, 0))
-    results: queue.Queue = queue.Queue()
+    events: queue.Queue = queue.Queue()  # (worker, kind, job, tries, value)
     compile_lock = threading.Lock()
     stop = threading.Event()
     device_type = tvm_target(target).get_target_device_type()
 
-    def worker() -> None:
+    def worker(wid: int) -> None:
         with tempfile.TemporaryDirectory(prefix="edgecompact-rpc-") as tmp:
-            while not stop.is_set():
+            # an abandoned worker whose board finally answered must not take a job nobody would wait for
+            while not stop.is_set() and wid not in abandoned and (item := jobs.get()) is not None:
+                job, tries = item
                 try:
-                    job, tries = jobs.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    lib = Path(tmp) / f"layer{threading.get_ident()}.so"
+                    lib = Path(tmp) / f"layer{wid}.so"
                     with compile_lock:  # Relax's BlockBuilder stack is process-wide: one builder at a time
                         mod, args = layer_module(job[0], job[3], job[4])
                         ex = compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir)
                         export_library(ex, lib, target)
-                except Exception as e:  # noqa: BLE001 -- a compile failure ends the run, reported by the caller
-                    results.put((job, e))
+                    board = ec_rpc.request_board(tracker, key, RPC_TIMEOUT_S)
+                except Exception as e:  # noqa: BLE001 -- a compile failure, no free board, no tracker: the end
+                    events.put((wid, "fatal", job, tries, e))
                     return
+                events.put((wid, "start", job, tries, board))
                 try:
-                    ms = _timed_remote((host, port), key, lib, args, device_type)
-                except DeployError as e:
-                    results.put((job, e))
-                    return
-                except Exception as e:  # noqa: BLE001 -- the server died or dropped the session: retry elsewhere
-                    if tries + 1 >= RPC_TRIES:
-                        results.put(
-                            (
-                                job,
-                                DeployError(
-                                    f"RPC: layer {job[0]} ({job[3]}, {job[4]}) failed "
-                                    f"{RPC_TRIES} times; last: {type(e).__name__}: {e}"
-                                ),
-                            )
-                        )
-                        return
-                    jobs.put((job, tries + 1))
+                    ms = _timed_remote(board, lib, args, device_type)
+                except Exception as e:  # noqa: BLE001 -- the board died, dropped the session or spoke garbage
+                    events.put((wid, "failed", job, tries, e))
                     continue
-                results.put((job, ms))
+                events.put((wid, "done", job, tries, ms))
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(n_servers)]
-    for t in threads:
-        t.start()
+    n_workers = 0
+    abandoned: set[int] = set()
+
+    def start_worker() -> None:
+        nonlocal n_workers
+        threading.Thread(target=worker, args=(n_workers,), daemon=True).start()
+        n_workers += 1
+
+    for _ in range(n_servers):
+        start_worker()
+    running: dict[int, tuple[tuple, int, tuple[str, int, str], float]] = {}  # worker -> (job, tries, board, t0)
+    remaining, fatal = len(todo), None
+
+    def retry(job: tuple, tries: int, board: tuple[str, int, str], why: str) -> Exception | None:
+        """Send the job to another board, or the error that ends the run when it has failed RPC_TRIES times."""
+        where = f"layer {job[0]} ({job[3]}, {job[4]})"
+        if tries + 1 >= RPC_TRIES:
+            return DeployError(f"RPC: {where} failed {RPC_TRIES} times; last: board {board[0]}:{board[1]} {why}")
+        log(f"RPC: board {board[0]}:{board[1]} {why}; {where} goes to another board")
+        jobs.put((job, tries + 1))
+        return None
+
     try:
-        for _ in range(len(todo)):
-            job, value = results.get()
-            if isinstance(value, Exception):
-                raise value
-            record(job, value)
+        while remaining and (fatal is None or running):  # after a fatal error, jobs on boards still finish
+            try:
+                wid, kind, job, tries, value = events.get(timeout=0.2)
+            except queue.Empty:
+                kind = None
+            if kind == "start" and wid not in abandoned:
+                running[wid] = (job, tries, value, time.monotonic())
+            elif kind is not None and wid not in abandoned:
+                board = running.pop(wid, (job, tries, ("?", 0, ""), 0.0))[2]
+                if kind == "done":
+                    record(job, value)
+                    remaining -= 1
+                elif fatal is None:
+                    fatal = value if kind == "fatal" else retry(
+                        job, tries, board, f"failed ({type(value).__name__}: {_first_line(value)})"
+                    )
+            for wid, (job, tries, board, t0) in list(running.items()):
+                if time.monotonic() - t0 > job_timeout:
+                    del running[wid]
+                    abandoned.add(wid)  # stuck in TVM's handshake or a remote call: left behind, replaced
+                    if fatal is None:
+                        fatal = retry(job, tries, board, f"did not answer within {job_timeout:g} s")
+                        start_worker()
+            if fatal is not None:
+                stop.set()
     finally:
         stop.set()
+        for _ in range(n_workers):
+            jobs.put(None)
+    if fatal is None:
+        return
+    if not isinstance(fatal, UserError):
+        raise fatal
+    entries = LatencyTable.load(table_path).entries.values()
+    saved = sum(v is not None for e in entries for row in e.ms for v in row)
+    raise type(fatal)(
+        f"{_first_line(fatal)}; the {saved} points measured so far are saved in {table_path}: "
+        "re-run the same command to resume"
+    )
 
 
-def _timed_remote(
-    tracker: tuple[str, int], key: str, lib: Path, args: list[np.ndarray], device_type: int
-) -> float:
-    """Upload `lib` to a free server under `key` and time it there. Every remote handle is local to this call,
-    so the session ends (and the server returns to the tracker) when it returns."""
-    session = ec_rpc.request_session(tracker, key, RPC_TIMEOUT_S)
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _timed_remote(board: tuple[str, int, str], lib: Path, args: list[np.ndarray], device_type: int) -> float:
+    """Upload `lib` to `board` and time it there. Every remote handle is local to this call, so the session
+    ends (and the server returns to the tracker) when it returns."""
+    session = ec_rpc.connect_board(board)
     session.upload(str(lib))
     return timed_ms(tvm_runs(session.load_module(lib.name), args, session.device(device_type)))
+
+
+def _stderr(msg: str) -> None:
+    tqdm.write(f"[edgecompact] {msg}", file=sys.stderr)

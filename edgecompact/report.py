@@ -16,14 +16,18 @@ from edgecompact.errors import ConfigError
 
 
 def machine() -> str:
+    """'x86_64 <CPU model> (<ISA extensions>, <fp32 lanes>), <cores> cores, <GiB>, <GPU or no GPU>': numbers
+    are only comparable with the CPU and ISA they came from."""
     import torch
+
+    from edgecompact.cpu import host_cpu
 
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem = 0
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}"
+    return f"{platform.machine()} {host_cpu().describe()}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}"
 
 
 def versions() -> dict:
@@ -43,7 +47,8 @@ def versions() -> dict:
 def result_record(name: str, spec, metrics: dict, target: str, latency_source: str) -> dict:
     """One BENCHMARKS.md record from a method's metrics; the latency source is named next to a predicted ms."""
     rec = {"name": name, "model": spec.model, "dataset": spec.data.split(":")[0]}
-    for key in ("mflops", "params", "top1", "budget", "wall_s", "widths", "measured_speedup"):
+    for key in ("mflops", "params", "top1", "precision", "top1_runtime", "top1_proxy", "top1_fp32", "int8", "budget",
+                "wall_s", "widths", "measured_speedup"):
         if key in metrics and not (name == "baseline" and key == "budget"):
             rec[key] = metrics[key]
     lat = dict(metrics.get("latency_ms", {}))
@@ -59,13 +64,17 @@ def bench_document(benchmark: str, command: str, protocol: str, results: list[di
 
 
 _COLUMNS = [("name", "method"), ("model", "model"), ("dataset", "dataset"), ("mflops", "MFLOPs"),
-            ("params", "params"), ("top1", "top-1 %"), ("budget_error", "budget error %"),
+            ("params", "params"), ("top1", "top-1 %"), ("precision", "precision (top-1 by)"),
+            ("top1_proxy", "proxy top-1 %"), ("top1_fp32", "fp32 top-1 %"), ("budget_error", "budget error %"),
             ("predicted_ms", "predicted ms"), ("measured_ms", "measured ms"), ("speedup", "speedup"),
             ("wall_s", "wall s")]
 
 
 def _flat(rec: dict, baseline: dict | None) -> dict:
-    row = {k: rec.get(k) for k in ("name", "model", "dataset", "mflops", "params", "top1", "wall_s")}
+    row = {k: rec.get(k) for k in ("name", "model", "dataset", "mflops", "params", "top1", "top1_proxy",
+                                   "top1_fp32", "wall_s")}
+    if rec.get("precision"):  # below fp32, say whose top-1 it is: the runtime's own, or the proxy's (older rows)
+        row["precision"] = f"{rec['precision']} ({rec.get('top1_runtime', 'fake-quant proxy')})"
     if "budget" in rec:
         row["budget_error"] = rec["budget"].get("error_pct")
     lat = rec.get("latency_ms", {})

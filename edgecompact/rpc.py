@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from tvm import rpc
+from tvm.rpc import base
 from tvm.rpc.tracker import Tracker
 
 from edgecompact.errors import ConfigError, DeployError
@@ -51,42 +52,49 @@ def servers_under_key(tracker: tuple[str, int], key: str, timeout: float = CONNE
     return sum(1 for s in summary.get("server_info", []) if s.get("key", "").split(":", 1)[-1] == key)
 
 
-def request_session(
-    tracker: tuple[str, int], key: str, timeout: float, session_timeout: float = 600.0
-) -> Any:
-    """An RPC session with a free server under `key`, or DeployError when none answers within `timeout` s.
-
-    The server ends the session after `session_timeout` s, so a hung board cannot block the caller forever.
-    """
+def request_board(tracker: tuple[str, int], key: str, timeout: float) -> tuple[str, int, str]:
+    """(host, port, matchkey) of a free server under `key`, from the tracker. ConfigError when the tracker cannot
+    be reached (it is down or went away), DeployError when no server frees up within `timeout` s."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
+        session = _tracker_session(tracker, max(0.5, deadline - time.monotonic()))
         try:
-            session = _tracker_session(tracker, max(0.5, deadline - time.monotonic()))
-            try:
-                return session.request(key, priority=1, session_timeout=session_timeout, max_retry=1)
-            finally:
-                session.close()
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 -- a dying server surfaces as OSError, RuntimeError or TVMError
+            base.sendjson(session._sock, [base.TrackerCode.REQUEST, key, "", 1])
+            code, value = base.recvjson(session._sock)
+            if code != base.TrackerCode.SUCCESS:
+                raise RuntimeError(f"tracker answered {code}")
+            host, port, matchkey = value
+            return str(host), int(port), str(matchkey)
+        except (OSError, RuntimeError, ValueError, TypeError) as e:  # a timeout, or the tracker dropped us
             last = e
             time.sleep(0.5)
+        finally:
+            session.close()
     raise DeployError(
-        f"RPC: no server under key '{key}' at tracker {tracker[0]}:{tracker[1]} answered within "
+        f"RPC: no server under key '{key}' at tracker {tracker[0]}:{tracker[1]} was free within "
         f"{timeout:.0f} s ({type(last).__name__ if last else 'timeout'})"
     )
+
+
+def connect_board(board: tuple[str, int, str], session_timeout: float = 600.0) -> Any:
+    """An RPC session with the server `board` (from `request_board`). The server ends the session after
+    `session_timeout` s. The handshake has no timeout of its own (TVM's C++ client): callers that must not
+    hang run this in a thread they can abandon (edgecompact.profiling does)."""
+    host, port, matchkey = board
+    return rpc.connect(host, port, matchkey, session_timeout)
 
 
 def _tracker_session(tracker: tuple[str, int], timeout: float) -> rpc.client.TrackerSession:
     host, port = tracker
     try:
         socket.create_connection((host, port), timeout=min(timeout, CONNECT_TIMEOUT_S)).close()
-    except OSError as e:
+        session = rpc.connect_tracker(host, port)
+    except (OSError, RuntimeError) as e:  # RuntimeError: TVM's own retries of a tracker that just went away
         raise ConfigError(
-            f"--rpc: cannot reach the RPC tracker at {host}:{port} ({e.strerror or type(e).__name__})"
+            f"--rpc: cannot reach the RPC tracker at {host}:{port} "
+            f"({getattr(e, 'strerror', None) or type(e).__name__})"
         ) from None
-    session = rpc.connect_tracker(host, port)
     # The tracker queues a request until a server frees up; the socket timeout bounds that wait.
     session._sock.settimeout(timeout)
     return session

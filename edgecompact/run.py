@@ -48,9 +48,32 @@ def load_manifest(artifact: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DeployError(f"{path}: manifest not found (not a deploy artifact directory)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DeployError(f"{path}: malformed manifest: {e}") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DeployError(f"{path}: malformed manifest: {problem}")
+    return manifest
+
+
+# key -> type of what every manifest holds (deploy/artifact.py writes them); checked before anything is run
+MANIFEST_KEYS = {"target": dict, "precision": str, "library": str, "sha256": str, "onnx": str, "input": dict}
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a hand-edited manifest, or None."""
+    if not isinstance(manifest, dict):
+        return f"expected a JSON object, got {type(manifest).__name__}"
+    for key, kind in MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"'{key}' is missing or not a {kind.__name__}"
+    shape, dtype = manifest["input"].get("shape"), manifest["input"].get("dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
+        return "'input.shape' is not a list of positive integers"
+    if not isinstance(dtype, str):
+        return "'input.dtype' is missing or not a str"
+    return None
 
 
 def check_input(manifest: dict[str, Any], x: Any, where: str) -> None:

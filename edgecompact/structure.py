@@ -17,6 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from edgecompact.errors import BudgetError, ConfigError
+from edgecompact.storage import write_text_atomic
 
 _PARAM_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
 
@@ -130,7 +131,7 @@ class ArchSpec:
             raise ConfigError(f"{source}: not a valid ArchSpec ({type(e).__name__}: {e})") from None
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(self.to_json())
+        write_text_atomic(Path(path), self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> ArchSpec:

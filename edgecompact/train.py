@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from edgecompact.errors import ConfigError
+from edgecompact.storage import write_atomic
 
 
 @dataclass
@@ -91,11 +92,10 @@ def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 500, devic
     return 100.0 * correct / max(1, len(y_all))
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save through a temporary file renamed into place: a kill, a signal or a full disk (StorageError,
+    one line) leaves the previous checkpoint whole."""
+    write_atomic(Path(path), lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -185,6 +185,6 @@ def train(model: nn.Module, train_set: TensorDataset, cfg: TrainConfig, *, val_s
             record["val_top1"] = evaluate(model, val_set, device=device)
         history["epochs"].append(record)
         if checkpoint is not None and rank == 0:
-            _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "epoch": epoch, "history": history}, Path(checkpoint))
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "epoch": epoch, "history": history}, Path(checkpoint))
     return history

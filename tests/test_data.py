@@ -519,4 +519,4 @@ def test_bad_arguments_give_config_errors(spec: str, kwargs: dict, what: str) ->
 
 
 def test_dataset_names_lists_every_reader() -> None:
-    assert dataset_names() == ["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet64"]
+    assert dataset_names() == ["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet64", "folder"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -112,15 +111,15 @@ def main() -> None:
                 f"{args.threads} thread(s) for torch/ORT/TVM, median of {args.runs} runs after warm-up, "
                 f"same process; TVM MetaSchedule {args.tune_trials} trials per conv/matmul task")
     out = bench_document("deploy", "python " + " ".join(sys.argv), protocol, records)
-    out["machine"] = (f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-                      f"{tvm.target.codegen.llvm_get_system_cpu()}, {torch.get_num_threads()} torch thread(s), "
+    out["machine"] = (f"{out['machine']}; LLVM mcpu {tvm.target.codegen.llvm_get_system_cpu()}, "
+                      f"{torch.get_num_threads()} torch thread(s), "
                       "shared with other jobs")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     keys = list(base["latency_ms"])
-    lines = [f"# deploy benchmark\n\n{out['protocol']}. Machine: {out['machine']}. Every ms below is from the "
+    lines = [(f"# deploy benchmark\n\n{out['protocol']}. Machine: {out['machine']}. Every ms below is from the "
              "interleaved pair (baseline and compact timed together); the JSON keeps each artifact's own, "
-             "unpaired timing under `latency_ms_unpaired`.\n",
+             "unpaired timing under `latency_ms_unpaired`.\n"),
              "| name | MFLOPs | params | " + " | ".join(f"{k} (ms)" for k in keys) + " | tuning (s) |",
              "|---|---|---|" + "---|" * len(keys) + "---|"]
     for r in (base, comp):

@@ -329,11 +329,14 @@ def run_seed(a: argparse.Namespace, seed: int, methods: list[str], options: dict
                "top1_start": round(evaluate(baseline, test), 2),
                "latency_ms": {"predicted": round(ctx.latency(widths), 4)},
                "wall_s": round(sum(e["seconds"] for e in hist["epochs"]), 1)}
-        if a.precision != "fp32":
+        if a.precision != "fp32":  # top1: onnxruntime's own on the shipped model; the search's proxy beside it
+            from edgecompact.deploy.onnx import runtime_top1
             from edgecompact.precision import calibration_inputs, evaluate_at_precision
 
-            rec.update(precision=a.precision, top1_fp32=rec["top1"], top1=round(evaluate_at_precision(
-                reference, test, a.precision, calibration_inputs(data.train)), 2))
+            calib = calibration_inputs(data.train)
+            rec.update(precision=a.precision, top1_fp32=rec["top1"], top1_runtime="onnxruntime",
+                       top1=round(runtime_top1(reference, test, a.precision, calib), 2),
+                       top1_proxy=round(evaluate_at_precision(reference, test, a.precision, calib), 2))
         merge(a.out, proto, command, rec)
     for name in methods:
         if done(a.out, proto, name, seed):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from edgecompact.deploy import bench, opprofile
 from edgecompact.deploy import onnx as eonnx
 from edgecompact.deploy import tvm as etvm
 from edgecompact.models import create_model
-from edgecompact.report import bench_document
+from edgecompact.report import bench_document, machine
 from edgecompact.targets import get_target
 
 
@@ -176,8 +175,8 @@ def main() -> None:
 
     out = {
         **bench_document("operators", "python " + " ".join(sys.argv), "", []),
-        "machine": f"{platform.machine()}, {tvm.target.codegen.llvm_get_system_cpu()}, "
-                   f"TVM target {etvm.tvm_target(target)}; 2 cores shared with other jobs",
+        "machine": f"{machine()}; LLVM mcpu {tvm.target.codegen.llvm_get_system_cpu()}, "
+                   f"TVM target {etvm.tvm_target(target)}; shared with other jobs",
         "model": args.model,
         "protocol": f"{args.model}, input {'x'.join(map(str, shape))}, fp32, batch 1, {args.threads} thread(s) for "
                     f"TVM and onnxruntime (TVM tuned with its runner at the same count); per operator: TVM kernel "

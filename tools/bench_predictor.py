@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from edgecompact.report import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -226,7 +227,7 @@ def _write(
     doc = {
         "benchmark": out.name,
         "command": "python tools/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU; shared with two long benchmark "
+        "machine": f"{machine()}; shared with two long benchmark "
         "processes (one per core): timings are noisy, hence min-of-repeats statistics",
         "date": datetime.date.today().isoformat(),
         "versions": {

@@ -13,12 +13,13 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from edgecompact.report import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -113,8 +114,7 @@ def main() -> None:
     doc = {
         "benchmark": "profile_cost",
         "command": "python tools/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}, no GPU; "
-        "shared with other jobs",
+        "machine": f"{machine()}; shared with other jobs",
         "date": datetime.date.today().isoformat(),
         "versions": {
             "edgecompact": _version(),

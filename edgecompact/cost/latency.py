@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgecompact.errors import ConfigError
+from edgecompact.storage import write_text_atomic
 from edgecompact.structure import Layer, Structure
 from edgecompact.targets import RUNTIMES, Target
 
@@ -225,19 +224,10 @@ class LatencyTable:
         }
 
     def save(self, path: Path) -> None:
-        """Write atomically (temp file + rename), so a killed process leaves the previous complete file."""
+        """Write atomically (temp file + rename): a killed process or a full disk (StorageError) leaves the previous
+        complete file."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
         self.path = path
 
     @classmethod
@@ -254,6 +244,8 @@ class LatencyTable:
             for key in ("target", "source"):
                 if not isinstance(prov.get(key), str):
                     raise TypeError(f"provenance.{key} missing")
+            if "channel_multiple" in prov:
+                prov["channel_multiple"] = int(prov["channel_multiple"])
             entries = {}
             for text, e in raw["entries"].items():
                 entry = Entry(

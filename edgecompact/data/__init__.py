@@ -2,7 +2,8 @@
 
 `load_dataset("digits")` needs nothing (scikit-learn ships it); the others read the files the dataset's authors
 publish, from a path the user gives: MNIST-format IDX, CIFAR-10/100 python pickles (through a restricted
-unpickler), Downsampled ImageNet 64x64 npz. Nothing is downloaded and nothing is cached on disk.
+unpickler), Downsampled ImageNet 64x64 npz, or a folder of PNG/JPEG images per class. Nothing is downloaded; only
+decoded image folders are cached on disk (data/folder.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from edgecompact.data import cifar, digits, idx, imagenet64
+from edgecompact.data import cifar, digits, folder, idx, imagenet64
 from edgecompact.data.raw import RawDataset
 from edgecompact.data.split import stratified_take
 from edgecompact.errors import ConfigError, DataError
@@ -26,7 +27,7 @@ DIGITS_INPUT_SIZE = 32
 _CHUNK = 8192  # images converted at a time, so peak memory stays near the size of the result
 
 
-def _fashion_mnist(path: Path | None) -> RawDataset:
+def _fashion_mnist(path: Path | None, _input_size: int | None) -> RawDataset:
     if path is None:
         if not FASHION_MNIST_DEBIAN_DIR.is_dir():
             raise DataError(
@@ -37,10 +38,13 @@ def _fashion_mnist(path: Path | None) -> RawDataset:
     return idx.load(path)
 
 
-def _needs_path(
-    name: str, what: str, reader: Callable[[Path], RawDataset]
-) -> Callable[[Path | None], RawDataset]:
-    def read(path: Path | None) -> RawDataset:
+# A reader takes (path or None, the requested input size or None); only the image folder reader uses the size,
+# since it decodes files of any size straight to it.
+Reader = Callable[[Path | None, int | None], RawDataset]
+
+
+def _needs_path(name: str, what: str, reader: Callable[[Path], RawDataset]) -> Reader:
+    def read(path: Path | None, _input_size: int | None) -> RawDataset:
         if path is None:
             raise ConfigError(f"dataset '{name}' needs a path: {name}:PATH, PATH being {what}")
         return reader(path)
@@ -48,13 +52,20 @@ def _needs_path(
     return read
 
 
-def _digits(path: Path | None) -> RawDataset:
+def _digits(path: Path | None, _input_size: int | None) -> RawDataset:
     if path is not None:
         raise ConfigError(f"dataset 'digits' takes no path (it ships with scikit-learn), got digits:{path}")
     return digits.load()
 
 
-_READERS: dict[str, Callable[[Path | None], RawDataset]] = {
+def _folder(path: Path | None, input_size: int | None) -> RawDataset:
+    if path is None:
+        raise ConfigError("dataset 'folder' needs a path: folder:DIR, DIR holding train/<class>/*.png|jpg "
+                          "(+ val/, test/)")
+    return folder.load(path, input_size)
+
+
+_READERS: dict[str, Reader] = {
     "digits": _digits,
     "mnist": _needs_path("mnist", "a directory of IDX files (train-images-idx3-ubyte[.gz]...)", idx.load),
     "fashion-mnist": _fashion_mnist,
@@ -67,13 +78,15 @@ _READERS: dict[str, Callable[[Path | None], RawDataset]] = {
     "imagenet64": _needs_path(
         "imagenet64", "a directory of train_data_batch_<k>.npz and val_data.npz", imagenet64.load
     ),
+    "folder": _folder,
 }
 
 
 @dataclass
 class DataSplits:
     """A dataset ready for training. `mean`/`std` are the per-channel statistics the images were normalized
-    with (computed on `train`), needed to feed raw images to a deployed model."""
+    with (computed on `train`), needed to feed raw images to a deployed model. `notes`: what the reader decided
+    or found (a held-out test split, converted images, empty classes), for the report."""
 
     name: str
     train: TensorDataset
@@ -84,6 +97,8 @@ class DataSplits:
     input_size: int
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    notes: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()  # class names in label order, when the dataset has them (image folders)
 
 
 def dataset_names() -> list[str]:
@@ -130,16 +145,17 @@ def load_dataset(
     limit: int | None = None,
 ) -> DataSplits:
     """Load `spec` (`digits`, `mnist:PATH`, `fashion-mnist[:PATH]`, `cifar10:PATH`, `cifar100:PATH`,
-    `imagenet64:PATH`) as normalized float32 NCHW tensors with int64 labels.
+    `imagenet64:PATH`, `folder:DIR`) as normalized float32 NCHW tensors with int64 labels.
 
     input_size: side of the square images returned (default: the dataset's own, 32 for digits).
-    val_fraction: share of the training images held out as `val`, stratified by class and seeded by `seed`.
+    val_fraction: share of the training images held out as `val`, stratified by class and seeded by `seed`
+    (unless the dataset ships a validation split: an image folder's val/, then used whole).
     limit: use at most this many of the training images (train + val), a seeded stratified subset; the test
     set is always complete. Normalization uses the per-channel mean and std of the resulting `train` split.
     """
     name, path = _parse(spec)
     _check_arguments(input_size, val_fraction, limit)
-    raw = _READERS[name](path)
+    raw = _READERS[name](path, input_size)
     size = input_size or (DIGITS_INPUT_SIZE if name == "digits" else raw.image_shape[-1])
 
     rng = np.random.default_rng(seed)
@@ -147,12 +163,19 @@ def load_dataset(
     pool = np.arange(len(labels))
     if limit is not None and limit < len(pool):
         pool, _ = stratified_take(labels, limit, rng)
-    val_pos, train_pos = stratified_take(labels[pool], round(val_fraction * len(pool)), rng)
-    train_idx, val_idx = pool[train_pos], pool[val_pos]
+    if raw.val is None:
+        val_pos, train_pos = stratified_take(labels[pool], round(val_fraction * len(pool)), rng)
+        train_idx, val_idx = pool[train_pos], pool[val_pos]
+    else:
+        train_idx, val_idx = pool, np.arange(0)
     if len(train_idx) == 0:
         raise ConfigError(f"limit={limit} with val_fraction={val_fraction} leaves no training images")
 
     images = _to_float(raw.train.read(np.concatenate([train_idx, val_idx])), raw.max_value, size)
+    all_labels = torch.from_numpy(labels[np.concatenate([train_idx, val_idx])])
+    if raw.val is not None:
+        images = torch.cat([images, _to_float(raw.val.read(np.arange(len(raw.val.labels))), raw.max_value, size)])
+        all_labels = torch.cat([all_labels, torch.from_numpy(raw.val.labels)])
     mean = images[: len(train_idx)].mean(dim=(0, 2, 3))
     # A constant channel (blank images) has std 0: leave it centred rather than dividing by zero.
     std = images[: len(train_idx)].std(dim=(0, 2, 3), correction=0).clamp_min(1e-8)
@@ -161,7 +184,6 @@ def load_dataset(
         return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
 
     images = normalize(images)
-    all_labels = torch.from_numpy(labels[np.concatenate([train_idx, val_idx])])
     test = None
     if raw.test is not None:
         test_x = normalize(_to_float(raw.test.read(np.arange(len(raw.test.labels))), raw.max_value, size))
@@ -176,4 +198,6 @@ def load_dataset(
         input_size=size,
         mean=tuple(mean.tolist()),
         std=tuple(std.tolist()),
+        notes=raw.notes,
+        classes=raw.classes,
     )

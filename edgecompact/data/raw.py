@@ -23,13 +23,18 @@ class RawSplit:
 
 @dataclass
 class RawDataset:
-    """What a reader returns. `max_value` is the brightest pixel value of the format (255, or 16 for digits)."""
+    """What a reader returns. `max_value` is the brightest pixel value of the format (255, or 16 for digits).
+    `val`: a validation split the dataset ships (else one is split from `train`); `notes`: what the reader
+    decided or found that a report should say (a held-out test split, converted images, empty classes)."""
 
     train: RawSplit
     test: RawSplit | None
     num_classes: int
     image_shape: tuple[int, int, int]
     max_value: float = 255.0
+    val: RawSplit | None = None
+    notes: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()  # class names in label order, when the dataset has them (image folders)
 
 
 def in_memory(images: np.ndarray, labels: np.ndarray) -> RawSplit:

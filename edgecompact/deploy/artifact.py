@@ -2,13 +2,13 @@
 
 `export_artifact` writes model.onnx (verified against torch), model.so (TVM, tuned, cross-compiled where the
 target needs it), run.py (the board-side runner) and manifest.json (target, input, precision, TVM version,
-library sha256, accuracies, measured latencies and the fastest runtime). It does not train or search.
+library sha256, machine and CPU facts, int8 settings, accuracies measured by the runtimes themselves, measured
+latencies and the fastest runtime). It does not train or search.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -23,13 +23,15 @@ from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
 from edgecompact import __version__, run
+from edgecompact.cpu import host_cpu, int8_scheme_for
 from edgecompact.deploy import onnx as eonnx
 from edgecompact.deploy import tvm as etvm
 from edgecompact.deploy.bench import median_ms
 from edgecompact.errors import DeployError
+from edgecompact.report import machine
 from edgecompact.targets import PRECISIONS, Target
 
-LIBRARY, ONNX_FILE, FP32_ONNX, MANIFEST = "model.so", "model.onnx", "model.fp32.onnx", "manifest.json"
+LIBRARY, ONNX_FILE, MANIFEST = "model.so", "model.onnx", "manifest.json"  # + model.fp32.onnx beside int8/fp16
 
 
 def compile_onnx(path: Path, target: Target, *, tune_trials: int = 0, db_dir: Path | None = None
@@ -66,15 +68,9 @@ def export_artifact(model: nn.Module, input_shape: tuple[int, ...], target: Targ
     torch.set_num_threads(threads)
     etvm.set_num_threads(threads)
 
-    fp32_path, onnx_path = out_dir / FP32_ONNX, out_dir / ONNX_FILE
-    max_diff = eonnx.export_onnx(model, input_shape, fp32_path)
-    if precision == "fp32":
-        shutil.move(fp32_path, onnx_path)
-        fp32_path = onnx_path
-    elif precision == "fp16":
-        eonnx.to_fp16(fp32_path, onnx_path)
-    else:
-        eonnx.quantize_int8(fp32_path, onnx_path, calib)
+    onnx_path = out_dir / ONNX_FILE
+    scheme = int8_scheme_for(target) if precision == "int8" else None
+    fp32_path, max_diff = eonnx.ship_onnx(model, input_shape, precision, onnx_path, calib=calib, scheme=scheme)
     in_name, in_shape, in_dtype = eonnx.input_spec(onnx_path)
 
     t0 = time.perf_counter()
@@ -102,18 +98,19 @@ def export_artifact(model: nn.Module, input_shape: tuple[int, ...], target: Targ
         "onnx_opset": eonnx.OPSET, "onnx_max_abs_diff_vs_torch": max_diff,
         "versions": {"edgecompact": __version__, "tvm": tvm.__version__, "onnx": onnx.__version__,
                      "onnxruntime": eonnx.ort.__version__, "torch": torch.__version__},
-        "machine": f"{platform.machine()}, {platform.processor() or platform.node()}",
+        "machine": machine(), "cpu": host_cpu().to_dict(),
         "tuning": tuning, "threads": threads,
     }
+    if scheme is not None:  # the settings the model was quantized with, and whether this CPU's kernels need them
+        manifest["int8"] = {**scheme.to_dict(), "ort_u8s8_saturates_here": eonnx.u8s8_saturates()}
     x = torch.randn(*in_shape, generator=torch.Generator().manual_seed(1)).numpy().astype(in_dtype)
     ort_sess = eonnx.session(onnx_path, threads)
     ref = ort_sess.run(None, {in_name: x})[0]
     manifest["output"]["shape"] = list(ref.shape)
     accuracy: dict[str, float] = {}
     if eval_data is not None:
-        fp32_sess = eonnx.session(fp32_path, threads)
-        accuracy["fp32-ort"] = _top1(lambda a: fp32_sess.run(None, {in_name: a})[0], eval_data)
-        accuracy[f"{precision}-ort"] = _top1(lambda a: ort_sess.run(None, {in_name: a})[0], eval_data)
+        accuracy["fp32-ort"] = round(eonnx.onnx_top1(fp32_path, *eval_data, threads), 2)
+        accuracy[f"{precision}-ort"] = round(eonnx.onnx_top1(onnx_path, *eval_data, threads), 2)
     if not_here:
         manifest["runs_here"] = not_here
         print(not_here)

@@ -122,7 +122,10 @@ def bench_artifacts(paths: list[Path], *, runs: int = MIN_RUNS, threads: int = 1
     results = []
     for art in map(Path, paths):
         manifest = run.load_manifest(art)
-        target = Target(**{k: v for k, v in manifest["target"].items()})
+        try:
+            target = Target(**{k: v for k, v in manifest["target"].items()})
+        except TypeError as e:  # a hand-edited target: unknown or missing key
+            raise DeployError(f"{art / 'manifest.json'}: malformed manifest: target: {e}") from None
         inp = manifest["input"]
         x = np.random.default_rng(0).standard_normal(inp["shape"]).astype(inp["dtype"])
         lib, name = art / manifest["library"], target.name

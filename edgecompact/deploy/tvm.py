@@ -20,7 +20,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from edgecompact.errors import DeployError
+from edgecompact.errors import DeployError, StorageError
 from edgecompact.targets import Target
 
 GPU_KINDS = ("opencl", "cuda", "vulkan", "metal", "rocm")
@@ -149,14 +149,24 @@ def time_executable(ex: Any, args: list[np.ndarray], *, number: int, repeat: int
 def export_library(ex: relax.VMExecutable, path: Path, target: Target) -> Path:
     """Write the shared library, cross-compiled with the target's compiler when it has one."""
     path = Path(path)
-    if target.cross_compiler:
-        if shutil.which(target.cross_compiler) is None:
-            raise DeployError(f"{target.source or target.name}: cross_compiler '{target.cross_compiler}' not found "
-                              "(Debian: apt-get install gcc-aarch64-linux-gnu)")
-        ex.export_library(str(path), cc=target.cross_compiler)
-    else:
-        ex.export_library(str(path))
+    if target.cross_compiler and shutil.which(target.cross_compiler) is None:
+        raise DeployError(f"{target.source or target.name}: cross_compiler '{target.cross_compiler}' not found "
+                          "(Debian: apt-get install gcc-aarch64-linux-gnu)")
+    try:
+        if target.cross_compiler:
+            ex.export_library(str(path), cc=target.cross_compiler)
+        else:
+            ex.export_library(str(path))
+    except RuntimeError as e:  # the linker's own words for a full disk (it is a child process: no errno here)
+        full = [why for why in LINKER_FULL_DISK if why.lower() in str(e).lower()]
+        if not full:
+            raise
+        raise StorageError(f"cannot write {path}: {full[0].lower()} (the linker stopped); free some space and "
+                           "re-run the same command") from None
     return path
+
+
+LINKER_FULL_DISK = ("No space left on device", "File size limit exceeded", "Disk quota exceeded")
 
 
 def runnable_here(target: Target) -> str | None:

@@ -8,6 +8,10 @@ The final training of a found architecture (`SearchContext.final`): "inherit" fi
 the weights the method proposes; "scratch" re-initializes it and trains it for the protocol's whole epoch budget
 (baseline + search + fine-tune epochs, the baseline's learning rate: Liu et al. 2019's Scratch-E); "best" runs
 both and keeps the one with the higher top-1 on the validation split (never the test split).
+
+A latency budget on a target that runs here is judged on measured ms (`latency_loop.close_loop`): widths re-fitted
+there from the method's `Proposal.scores` replace the proposal's, and a network the method already fine-tuned at
+other widths gives way to the inherit path from its source.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import nn
 from edgecompact.budget import Budget, CostFn, assert_within
 from edgecompact.data import DataSplits
 from edgecompact.errors import ConfigError
+from edgecompact.latency_loop import MEASURE_ROUNDS, Measure, close_loop
 from edgecompact.models.blocks import ChannelBias
 from edgecompact.structure import ArchSpec, Structure, check_widths, slim, widths_of
 from edgecompact.train import TrainConfig, evaluate, train
@@ -49,6 +54,9 @@ class SearchContext:
     channel_multiple: int = 1
     precision: str = "fp32"
     latency: CostFn | None = None  # predicted ms on the target, when a table (or estimate) exists
+    measure_latency: Measure | None = None  # keep -> (baseline ms, compact ms) timed paired on the target, here
+    measure_rounds: int = MEASURE_ROUNDS  # timed rounds of a latency budget (0: predicted only)
+    measure_note: str = ""  # where measure_latency times (e.g. "host-ort"), or why a latency budget is predicted only
     baseline_top1: float | None = None
     run_dir: Path | None = None  # method state and history go here (resumable)
     seed: int = 0
@@ -75,6 +83,9 @@ class Proposal:
     compact: nn.Module | None = None  # when finetuned: the trained compact model
     extra_finetune_epochs: int = 0  # controls: fine-tune longer so every method gets the same total epochs
     final: str | None = None  # controls fix their final training ("inherit" or "scratch"); None: ctx.final
+    # per-channel importances over the baseline's channels, comparable across groups (what the method fitted the
+    # budget with): the measured latency loop re-fits widths from them; None: the widths cannot be re-fitted
+    scores: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -160,10 +171,16 @@ def run_method(name: str, ctx: SearchContext) -> SearchResult:
     if final not in FINALS:
         raise ConfigError(f"--final {final}: choose {', '.join(FINALS)}")
     proposal = get_method(name)(ctx)
+    check_widths(ctx.structure, widths_of(proposal.keep), ctx.channel_multiple)
+    keep, measured = close_loop(ctx, proposal.keep, proposal.scores)
+    if keep != proposal.keep:
+        proposal = _refitted(proposal, keep)
     widths = widths_of(proposal.keep)
-    check_widths(ctx.structure, widths, ctx.channel_multiple)
-    achieved = ctx.cost(widths)
-    assert_within(ctx.budget.metric, achieved, ctx.target_cost, ctx.budget.tolerance)
+    if measured.get("measured"):
+        assert_within(ctx.budget.metric, measured["measured_ms"], measured["measured_target_ms"],
+                      ctx.budget.tolerance, measured=True)
+    else:
+        assert_within(ctx.budget.metric, ctx.cost(widths), ctx.target_cost, ctx.budget.tolerance)
     final = proposal.final or final
     if final != "inherit" and ctx.scratch is None:
         raise ConfigError(f"--final {final}: this context has no from-scratch schedule (SearchContext.scratch)")
@@ -176,11 +193,19 @@ def run_method(name: str, ctx: SearchContext) -> SearchResult:
     chosen = max(candidates, key=lambda k: (val[k], k == "inherit"))  # a tie keeps the inherited network
     model = candidates[chosen].eval()
     metrics = measure(ctx, widths, model)
+    metrics["budget"].update(measured)
     metrics["final"] = chosen
     metrics["final_val_top1"] = {k: round(v, 2) for k, v in val.items()}
     metrics["wall_s"] = round(time.perf_counter() - t0, 1)
     history = [*proposal.history, {"final": chosen, "val_top1": metrics["final_val_top1"]}]
     return SearchResult(name, ArchSpec(ctx.structure.model_name, widths, proposal.keep), model, metrics, history)
+
+
+def _refitted(proposal: Proposal, keep: dict[str, list[int]]) -> Proposal:
+    """The proposal at the widths the measured loop re-fitted: a network the method fine-tuned at its own widths
+    no longer applies, so the inherit path slims the proposal's source instead."""
+    entry = {"refitted": "widths re-fitted to the measured latency budget", "widths": widths_of(keep)}
+    return replace(proposal, keep=keep, finetuned=False, compact=None, history=[*proposal.history, entry])
 
 
 def _teacher(ctx: SearchContext, cfg: TrainConfig) -> nn.Module | None:
@@ -214,24 +239,34 @@ def _ckpt(ctx: SearchContext, name: str) -> Path | None:
 
 
 def measure(ctx: SearchContext, widths: dict[str, int], model: nn.Module) -> dict:
-    """The paper's figures for one architecture: MFLOPs, params, top-1 (test split, else val), budget error."""
-    from edgecompact.precision import calibration_inputs, evaluate_at_precision
+    """The paper's figures for one architecture: MFLOPs, params, top-1 (test split, else val), budget error.
 
+    Below fp32, `top1` is onnxruntime's own on the model deploy ships (this machine's int8 settings), with the
+    search's fast proxy (fake quantization / torch in half) beside it as `top1_proxy`."""
     test = ctx.data.test if ctx.data.test is not None else ctx.data.val
     achieved = ctx.cost(widths)
     top1_fp32 = evaluate(model, test)
     out = {
         "mflops": round(ctx.flops(widths) / 1e6, 3),
         "params": int(ctx.params(widths)),
-        "top1": round(top1_fp32 if ctx.precision == "fp32" else
-                      evaluate_at_precision(model, test, ctx.precision, calibration_inputs(ctx.data.train)), 2),
+        "top1": round(top1_fp32, 2),
         "budget": {"metric": ctx.budget.metric, "target": _round(ctx.budget.metric, ctx.target_cost),
                    "achieved": _round(ctx.budget.metric, achieved),
                    "error_pct": round(100 * (achieved / ctx.target_cost - 1), 2)},
     }
     if ctx.precision != "fp32":
+        from edgecompact.cpu import int8_scheme
+        from edgecompact.deploy.onnx import runtime_top1
+        from edgecompact.precision import calibration_inputs, evaluate_at_precision
+
+        calib, scheme = calibration_inputs(ctx.data.train), int8_scheme()
+        out["top1"] = round(runtime_top1(model, test, ctx.precision, calib, scheme=scheme), 2)
+        out["top1_proxy"] = round(evaluate_at_precision(model, test, ctx.precision, calib, scheme), 2)
         out["precision"] = ctx.precision
         out["top1_fp32"] = round(top1_fp32, 2)
+        out["top1_runtime"] = "onnxruntime"
+        if ctx.precision == "int8":
+            out["int8"] = scheme.to_dict()
     if ctx.latency is not None:
         out["latency_ms"] = {"predicted": round(ctx.latency(widths), 4)}
     return out

@@ -10,10 +10,13 @@ method (baseline + search + fine-tune): Liu et al.'s Scratch-E, the control a us
 evenly in every stage (the last droppable ones of each stage), then one width multiplier fitted to the budget,
 trained from scratch like `uniform-scratch`. Without `--set depth=F` it keeps F = (target / baseline cost)^(1/3)
 of each stage's droppable blocks, the cube-root split of compound scaling (cost ~ depth x width^2).
+Their scores (for a re-fit to a measured latency) keep the same order: first channels (uniform), the random draw
+(random), and removed blocks stay removed (uniform-depth-scratch).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -32,26 +35,42 @@ def _first(widths: dict[str, int]) -> dict[str, list[int]]:
     return {g: list(range(w)) for g, w in widths.items()}
 
 
+def _in_order(order: torch.Tensor) -> torch.Tensor:
+    """Scores that keep the channels `order` lists first, comparable across groups as one width multiplier: the
+    j-th of n scores 1 - j / n."""
+    n = len(order)
+    scores = torch.empty(n)
+    scores[order] = 1 - torch.arange(n, dtype=torch.float) / max(1, n)
+    return scores
+
+
+def _first_scores(structure: Structure) -> dict[str, torch.Tensor]:
+    return {g: _in_order(torch.arange(full)) for g, full in structure.groups.items()}
+
+
 @register_method("uniform")
 def uniform(ctx: SearchContext) -> Proposal:
     widths = _uniform_widths(ctx)
     return Proposal(keep=_first(widths), source=copy_baseline(ctx), history=[{"widths": widths}],
-                    extra_finetune_epochs=ctx.search_epochs, final="inherit")
+                    extra_finetune_epochs=ctx.search_epochs, final="inherit", scores=_first_scores(ctx.structure))
 
 
 @register_method("random")
 def random(ctx: SearchContext) -> Proposal:
     widths = _uniform_widths(ctx)
     gen = torch.Generator().manual_seed(ctx.seed)
-    keep = {g: sorted(torch.randperm(ctx.structure.groups[g], generator=gen)[:w].tolist()) for g, w in widths.items()}
+    order = {g: torch.randperm(ctx.structure.groups[g], generator=gen) for g in widths}
+    keep = {g: sorted(order[g][:w].tolist()) for g, w in widths.items()}
     return Proposal(keep=keep, source=copy_baseline(ctx), history=[{"widths": widths}],
-                    extra_finetune_epochs=ctx.search_epochs, final="inherit")
+                    extra_finetune_epochs=ctx.search_epochs, final="inherit",
+                    scores={g: _in_order(o) for g, o in order.items()})
 
 
 @register_method("uniform-scratch")
 def uniform_scratch(ctx: SearchContext) -> Proposal:
     widths = _uniform_widths(ctx)
-    return Proposal(keep=_first(widths), source=copy_baseline(ctx), history=[{"widths": widths}], final="scratch")
+    return Proposal(keep=_first(widths), source=copy_baseline(ctx), history=[{"widths": widths}], final="scratch",
+                    scores=_first_scores(ctx.structure))
 
 
 def dropped_blocks(structure: Structure, keep_fraction: float) -> list[str]:
@@ -91,5 +110,7 @@ def uniform_depth_scratch(ctx: SearchContext) -> Proposal:
         return ctx.cost({**widths, **zero})
 
     widths = {**fit_uniform(rest, cost, ctx.target_cost, ctx.budget.tolerance, ctx.channel_multiple), **zero}
-    return Proposal(keep=_first(widths), source=copy_baseline(ctx), final="scratch",
+    # -inf: fit_to_budget never brings a removed block back
+    scores = {**_first_scores(ctx.structure), **{g: torch.full((ctx.structure.groups[g],), -math.inf) for g in zero}}
+    return Proposal(keep=_first(widths), source=copy_baseline(ctx), final="scratch", scores=scores,
                     history=[{"widths": widths, "depth": round(depth, 4), "removed_blocks": removed}])

@@ -581,4 +581,18 @@ def _finish(ctx: SearchContext, gen: Generator, history: list[dict], req: Requir
     if ctx.run_dir is not None:
         _write_json(ctx.state_path("gensynth.json"), {"config": _config(ctx, opts), "cycles": history, **entry})
     return Proposal(keep=gen.keep, source=ctx.baseline, history=[*history, entry], finetuned=True,
-                    compact=gen.model)
+                    compact=gen.model, scores=channel_scores(gen))
+
+
+def channel_scores(gen: Generator) -> dict[str, torch.Tensor]:
+    """G's logits as channel scores: the channels its cycles removed rank below every one it kept, so a re-fit
+    (to a measured latency) compacts G's network further, or takes removed channels back last."""
+    values = torch.cat(list(gen.logits.values()))
+    span = float(values.max() - values.min()) + 1.0
+    out = {}
+    for g, v in gen.logits.items():
+        idx = torch.tensor(gen.keep[g], dtype=torch.long)
+        s = v.float() - span
+        s[idx] = v[idx].float()
+        out[g] = s
+    return out

@@ -166,7 +166,7 @@ def group_lasso(ctx: SearchContext) -> Proposal:
                 "train": hist["epochs"], "channels_below_1e-3_rms": zeros,
                 "group_norm_ratio": {g: round(float(n.mean() / before[g]), 4) for g, n in norms.items()},
                 "widths": {g: len(v) for g, v in keep.items()}}]
-    return Proposal(keep=keep, source=model, history=history)
+    return Proposal(keep=keep, source=model, history=history, scores=scores)
 
 
 def sparse_train(ctx: SearchContext, model: nn.Module, weights: dict[str, float], lam: float, lr: float,

@@ -45,7 +45,7 @@ from torch import nn
 from edgecompact.budget import fit_to_budget, within
 from edgecompact.errors import ConfigError
 from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, marginal_costs, register_method
-from edgecompact.structure import Structure, channel_masks, keep_from_scores, round_width
+from edgecompact.structure import Structure, channel_masks, keep_from_scores, round_width, widths_of
 from edgecompact.train import train
 
 # Default of `from_scratch`: inherited weights won on digits16 / ResNet-20 at 0.33x FLOPs, 2 search + 3 fine-tune
@@ -394,7 +394,8 @@ def morphnet_search(ctx: SearchContext, resource: str) -> Proposal:
         if it + 1 < iterations:
             _apply_masks(model, structure, channel_masks(structure, keep))
     source = copy_baseline(ctx) if weights == "baseline" else model
-    return Proposal(keep=keep, source=source, history=history, from_scratch=from_scratch)
+    return Proposal(keep=keep, source=source, history=history, from_scratch=from_scratch,
+                    scores=_rank_scores(structure, widths_of(keep), gammas, floor))
 
 
 def _flag(value, name: str = "from_scratch") -> bool:

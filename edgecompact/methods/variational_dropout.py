@@ -221,4 +221,4 @@ def variational_dropout(ctx: SearchContext) -> Proposal:
                 "threshold": threshold, "score": score_by, "epochs": ctx.search_epochs, "train": hist["epochs"],
                 "weight_sparsity_before": round(sparsity0, 4), "weight_sparsity": round(sparsity(vd_model), 4),
                 "dropped_share": group_share, "widths": {g: len(v) for g, v in keep.items()}}]
-    return Proposal(keep=keep, source=source, history=history)
+    return Proposal(keep=keep, source=source, history=history, scores=scores)

@@ -1,7 +1,8 @@
 """The model registry: zoo names -> factories, plus loading a user's own model from a file or a module.
 
-One entry point, `load_model`, turns a `--model` spec into an `nn.Module`. Factories build plain modules:
-nothing here trains, prunes or counts.
+One entry point, `load_model`, turns a `--model` spec (a zoo name, a user's factory or an ONNX file) into an
+`nn.Module`, and `load_weights` loads a trained state dict into it. Factories build plain modules: nothing here
+trains, prunes or counts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from edgecompact.errors import ConfigError
@@ -106,11 +108,16 @@ def _factory_from_spec(spec: str) -> Factory:
 
 def load_model(spec: str, num_classes: int | None = None, in_channels: int = 3,
                input_size: int | None = None) -> nn.Module:
-    """A model from a zoo name, `path/to/file.py:factory` or `package.module:factory`.
+    """A model from a zoo name, `path/to/file.py:factory`, `package.module:factory` or `path/to/model.onnx`.
 
     A user factory is called with whichever of num_classes / in_channels / input_size it accepts (values
-    left as None are not passed) and must return an `nn.Module`.
+    left as None are not passed) and must return an `nn.Module`. An ONNX file is converted and verified
+    (`edgecompact.models.onnx_import`); it carries its trained weights.
     """
+    if spec.endswith(".onnx"):
+        from edgecompact.models.onnx_import import load_onnx_model
+
+        return load_onnx_model(Path(spec), num_classes=num_classes, in_channels=in_channels, input_size=input_size)
     if ":" not in spec:
         if spec.endswith(".py"):
             raise ConfigError(f"--model {spec}: name the factory in the file, e.g. '{spec}:build_model'")
@@ -127,3 +134,52 @@ def load_model(spec: str, num_classes: int | None = None, in_channels: int = 3,
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model factory '{spec}' returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def load_weights(model: nn.Module, path: Path, model_name: str = "the model", what: str = "--weights") -> nn.Module:
+    """Load trained weights into `model` in place: a `.safetensors` file, or a torch file read with weights_only
+    (a state dict, or a checkpoint holding one under "model" or "state_dict"). A file that does not fit is one
+    ConfigError naming the first key that differs."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise ConfigError(f"{what} {path}: file not found")
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError...: a bad file, reported in one line
+            raise ConfigError(f"{what} {path}: not a readable safetensors file ({_first_line(e)})") from None
+    else:
+        from edgecompact.train import load_checkpoint
+
+        state = load_checkpoint(path)
+        for key in ("model", "state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{what} {path}: holds no state dict of tensors")
+    expected = model.state_dict()
+    if all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel / DDP
+    differ = _first_difference(expected, state)
+    if differ:
+        raise ConfigError(f"{what} {path}: does not fit {model_name}: {differ}")
+    model.load_state_dict(state)
+    return model
+
+
+def _first_difference(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
+    for key, value in expected.items():
+        if key not in given:
+            return f"key '{key}' of the model is missing from the file"
+        if tuple(given[key].shape) != tuple(value.shape):
+            return f"key '{key}' is {list(given[key].shape)} in the file, {list(value.shape)} in the model"
+    extra = next((k for k in given if k not in expected), None)
+    return None if extra is None else f"key '{extra}' of the file is not in the model"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]

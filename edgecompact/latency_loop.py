@@ -1,0 +1,156 @@
+"""The closed loop of a latency budget: widths fitted on the predicted latency are timed on the target, paired with
+the baseline, and re-fitted at a corrected table target until the *measured* latency is within the tolerance.
+
+It runs once, from `run_method`, for every method: it re-uses the channel scores a method already fitted with, and
+never searches or trains. A target that does not run here keeps its budget predicted only, and the record says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgecompact.budget import fit_to_budget, within
+from edgecompact.storage import read_json, write_text_atomic
+from edgecompact.structure import Structure, slim, widths_of
+
+if TYPE_CHECKING:
+    from edgecompact.data import DataSplits
+    from edgecompact.methods.base import SearchContext
+    from edgecompact.targets import Target
+
+MEASURE_ROUNDS = 3  # timed rounds at most: the method's own widths, then re-fits (`--measure-rounds`)
+
+Measure = Callable[[dict[str, list[int]]], tuple[float, float]]  # keep -> (baseline ms, compact ms), paired
+
+
+def measurer_for(target: Target, baseline: nn.Module, structure: Structure, precision: str, data: DataSplits,
+                 rounds: int = MEASURE_ROUNDS) -> tuple[Measure | None, str]:
+    """(the measurement of `target`'s runtime, timed here, and its key, e.g. "host-ort"), or (None, why the latency
+    stays predicted only). Boards are the hook left open: timing one over --rpc would return its Measure here."""
+    if rounds < 1:
+        return None, "--measure-rounds 0: predicted only"
+    if not target.runnable_here:
+        return None, (f"target {target.name} does not run here; timing a board over --rpc in the loop is not "
+                      "built: predicted only")
+    if target.runtime != "onnxruntime":
+        return None, (f"target {target.name} ships {target.runtime}; the loop times onnxruntime only: "
+                      "predicted only")
+    calib = None
+    if precision == "int8":
+        from edgecompact.precision import calibration_inputs
+
+        calib = calibration_inputs(data.train).numpy()
+    return ort_measure(baseline, structure, precision, calib), f"{target.name}-ort"
+
+
+def ort_measure(baseline: nn.Module, structure: Structure, precision: str = "fp32", calib: np.ndarray | None = None,
+                runs: int | None = None, threads: int = 1) -> Measure:
+    """Time `slim(baseline, keep)` and the baseline in onnxruntime as deploy ships them at `precision`, by deploy's
+    protocol (batch 1, median of `runs` (default and at least bench.MIN_RUNS) interleaved runs, `threads` threads,
+    this process). The weights are the baseline's: inference time does not depend on their values."""
+    from edgecompact.deploy.bench import MIN_RUNS, time_ort_pair
+    from edgecompact.deploy.onnx import ship_onnx
+
+    runs = max(MIN_RUNS, runs or MIN_RUNS)
+
+    x = np.random.default_rng(0).standard_normal((1, *structure.input_shape)).astype(np.float32)
+
+    def measure(keep: dict[str, list[int]]) -> tuple[float, float]:
+        with tempfile.TemporaryDirectory(prefix="edgecompact-measure-") as tmp:
+            paths = [Path(tmp) / "baseline.onnx", Path(tmp) / "compact.onnx"]
+            # a copy: export sets eval() on the module it exports
+            for model, path in zip((copy.deepcopy(baseline), slim(baseline, structure, keep)), paths):
+                ship_onnx(model, structure.input_shape, precision, path, calib=calib)
+            return time_ort_pair(paths[0], paths[1], x, runs, threads)
+
+    return measure
+
+
+def close_loop(ctx: SearchContext, keep: dict[str, list[int]],
+               scores: dict[str, torch.Tensor] | None) -> tuple[dict[str, list[int]], dict]:
+    """(the channels to keep, the measured side of the budget for metrics["budget"]).
+
+    Round 1 times the method's own widths. While the measured ms miss the tolerance of the measured target (a
+    relative budget: target / baseline cost x the baseline's ms of the same pair; an absolute one: its ms) and
+    rounds remain, the table target is corrected (`next_table_target`) and the widths are re-fitted from the
+    method's scores by `fit_to_budget`. The first round inside the tolerance is kept, else the closest one.
+    A budget on another metric: (keep, {}). Without a measurement: (keep, {"measured": False, ...why}).
+    """
+    if ctx.budget.metric != "latency":
+        return keep, {}
+    if ctx.measure_latency is None or ctx.measure_rounds < 1:
+        return keep, {"measured": False, "predicted_only": ctx.measure_note or "no measurement of the target here"}
+    state = ctx.state_path("latency_loop.json")
+    config = {"method_keep": keep, "target_cost": ctx.target_cost, "tolerance": ctx.budget.tolerance,
+              "rounds": ctx.measure_rounds}
+    if state is not None and state.is_file():  # a resumed run trains the widths it chose before (timing is noisy)
+        saved = read_json(state)
+        if saved.get("config") == json.loads(json.dumps(config)):
+            return saved["keep"], saved["budget"]
+    tol, rounds, keeps, stop = ctx.budget.tolerance, [], [], None
+    table_target, rule = ctx.target_cost, ""
+    for k in range(ctx.measure_rounds):
+        if k:
+            if scores is None:
+                stop = "the method gives no channel scores to re-fit from"
+                break
+            table_target, rule = next_table_target(rounds)
+            keep = fit_to_budget(ctx.structure, scores, ctx.cost, table_target, tol, ctx.channel_multiple)
+            if keep in keeps:
+                stop = "the re-fit gives widths already timed"
+                break
+        base_ms, ms = ctx.measure_latency(keep)
+        target_ms = ctx.target_cost / ctx.baseline_cost * base_ms if ctx.budget.relative else ctx.target_cost
+        rounds.append({"round": k + 1, "table_target_ms": table_target, "predicted_ms": ctx.cost(widths_of(keep)),
+                       "baseline_ms": base_ms, "measured_ms": ms, "target_ms": target_ms,
+                       "error_pct": 100 * (ms / target_ms - 1)})
+        if k:
+            rounds[-1]["correction"] = rule
+        keeps.append(keep)
+        ctx.log(f"measured latency, round {k + 1}: {ms:.4f} ms vs target {target_ms:.4f} ms "
+                f"({rounds[-1]['error_pct']:+.1f}%; table predicted {rounds[-1]['predicted_ms']:.4f} ms, baseline "
+                f"{base_ms:.4f} ms)")
+        if within(ms, target_ms, tol):
+            break
+    best = min(range(len(rounds)), key=lambda i: (not within(rounds[i]["measured_ms"], rounds[i]["target_ms"], tol),
+                                                  abs(rounds[i]["error_pct"]), i))
+    rounds = [{key: round(v, 2 if key == "error_pct" else 4) if isinstance(v, float) else v for key, v in r.items()}
+              for r in rounds]
+    chosen = rounds[best]
+    record = {"measured": True, "measured_on": ctx.measure_note, "measured_ms": chosen["measured_ms"],
+              "measured_error_pct": chosen["error_pct"], "measured_target_ms": chosen["target_ms"],
+              "measured_baseline_ms": chosen["baseline_ms"], "round": chosen["round"], "rounds": rounds}
+    if stop is not None:
+        record["stopped"] = stop
+    if state is not None:
+        write_text_atomic(state, json.dumps({"config": config, "keep": keeps[best], "budget": record}, indent=1))
+    return keeps[best], record
+
+
+def next_table_target(rounds: list[dict]) -> tuple[float, str]:
+    """(the predicted ms to fit next, the rule): where the measured error should vanish.
+
+    "ratio": predicted x target ms / measured ms, exact when measured ms are proportional to predicted ones. From the
+    second round "secant": the line through the last two rounds' (predicted, measured / target), which also removes
+    an offset the table lacks (a small model's per-call overhead makes the ratio step creep). Timing noise must not
+    throw it far: its factor on the predicted ms is held between the ratio step's to the powers 1/4 and 4, and a
+    non-positive slope falls back to the ratio step.
+    """
+    p, e = rounds[-1]["predicted_ms"], rounds[-1]["measured_ms"] / rounds[-1]["target_ms"]
+    if len(rounds) < 2:
+        return p / e, "ratio"
+    p0, e0 = rounds[-2]["predicted_ms"], rounds[-2]["measured_ms"] / rounds[-2]["target_ms"]
+    if p == p0 or (e - e0) / (p - p0) <= 0:
+        return p / e, "ratio"
+    secant = p + (1 - e) * (p - p0) / (e - e0)
+    lo, hi = sorted((e ** -0.25, e ** -4))
+    return p * min(hi, max(lo, secant / p)), "secant"
