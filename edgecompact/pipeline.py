@@ -17,6 +17,7 @@ from torch import nn
 
 from edgecompact.budget import Budget, check_budget, min_widths, parse_budget
 from edgecompact.cost.flops import arch_flops, arch_params
+from edgecompact.cost.model import LatencyModel, latency_model
 from edgecompact.data import DataSplits
 from edgecompact.errors import ConfigError
 from edgecompact.latency_loop import MEASURE_ROUNDS, measurer_for
@@ -26,26 +27,6 @@ from edgecompact.structure import Structure, analyze
 from edgecompact.train import TrainConfig, evaluate, load_checkpoint, save_atomic, train
 
 
-def latency_model(structure: Structure, target, profile: Path | None = None):
-    """(predict(widths) -> ms, label): the target's measured table for this search space, else its labelled
-    roofline estimate (also when a measured table does not cover this model's layer shapes)."""
-    from edgecompact.cost.latency import LatencyTable, table_for
-    from edgecompact.cost.roofline import roofline_table
-
-    table = LatencyTable.load(Path(profile), target) if profile else table_for(target, structure)
-    try:
-        table.predict(structure, structure.baseline_widths())
-    except ConfigError:
-        if profile:
-            raise
-        table = roofline_table(structure, target)
-
-    def predict(widths: dict[str, int]) -> float:
-        return table.predict(structure, widths)
-
-    return predict, table.label
-
-
 def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *, model_name: str = "model",
                   finetune: TrainConfig | None = None, search_epochs: int = 4, channel_multiple: int = 1,
                   scratch: TrainConfig | None = None, final: str = "inherit",
@@ -53,18 +34,20 @@ def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *
                   run_dir: Path | None = None,
                   seed: int = 0, options: dict | None = None, structure: Structure | None = None,
                   baseline_top1: float | None = None, measure_rounds: int = MEASURE_ROUNDS,
-                  log=print) -> SearchContext:
+                  latency: LatencyModel | None = None, log=print) -> SearchContext:
     """A SearchContext for `baseline` (already trained) on `data` under `budget` (a Budget or text like '1/3x').
 
     `scratch` is the schedule of a from-scratch training (the protocol's whole epoch budget), needed by the
     from-scratch controls and by `final` "scratch" or "best". A latency budget on a target that runs here is
-    timed there for up to `measure_rounds` rounds (latency_loop.py; 0: predicted only)."""
+    timed there for up to `measure_rounds` rounds (latency_loop.py; 0: predicted only). `latency`: the search's
+    latency model when the caller already built it (else built here from `target` and `profile`)."""
     if isinstance(budget, str):
         budget = parse_budget(budget)
     structure = structure or analyze(baseline, (data.in_channels, data.input_size, data.input_size), model_name,
                                      drop_blocks=drop_blocks)
-    cost, flops, params, latency, target_cost, baseline_cost = _costs(structure, budget, target, profile,
-                                                                      channel_multiple)
+    if latency is None and target is not None:
+        latency = latency_model(structure, target, profile)
+    cost, flops, params, target_cost, baseline_cost = _costs(structure, budget, latency, channel_multiple)
     measure_latency, measure_note = None, ""
     if budget.metric == "latency":
         measure_latency, measure_note = measurer_for(target, baseline, structure, precision, data, measure_rounds)
@@ -82,7 +65,7 @@ def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *
     )
 
 
-def _costs(structure: Structure, budget: Budget, target, profile: Path | None, channel_multiple: int):
+def _costs(structure: Structure, budget: Budget, latency: LatencyModel | None, channel_multiple: int):
     """The cost functions of a search and its absolute target; BudgetError when the budget cannot be met."""
 
     def flops(widths: dict[str, int]) -> float:
@@ -91,9 +74,6 @@ def _costs(structure: Structure, budget: Budget, target, profile: Path | None, c
     def params(widths: dict[str, int]) -> float:
         return float(arch_params(structure, widths))
 
-    latency = None
-    if target is not None:
-        latency = latency_model(structure, target, profile)[0]
     if budget.metric == "flops":
         cost = flops
     elif budget.metric == "params":
@@ -104,7 +84,7 @@ def _costs(structure: Structure, budget: Budget, target, profile: Path | None, c
         cost = latency
     baseline_cost = cost(structure.baseline_widths())
     target_cost = check_budget(budget, baseline_cost, cost(min_widths(structure, channel_multiple)))
-    return cost, flops, params, latency, target_cost, baseline_cost
+    return cost, flops, params, target_cost, baseline_cost
 
 
 # ---- one search, end to end, in a run directory -------------------------------------------------------------
@@ -228,7 +208,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     profile = Path(spec.profile) if spec.profile else None
     structure = analyze(model, (data.in_channels, data.input_size, data.input_size), spec.model,
                         drop_blocks=spec.drop_blocks)
-    _costs(structure, budget, target, profile, multiple)  # an impossible budget fails before any training
+    latency = latency_model(structure, target, profile)  # the one cost model of this search
+    _costs(structure, budget, latency, multiple)  # an impossible budget fails before any training
     prepare_run_dir(run_dir, spec, force)
     cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed)
     t0 = time.perf_counter()
@@ -249,8 +230,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
                         scratch=replace(cfg, epochs=total_epochs(spec), distill_alpha=spec.distill),
                         channel_multiple=multiple, precision=precision, target=target, profile=profile,
                         run_dir=run_dir, seed=spec.seed, options=spec.options, structure=structure,
-                        baseline_top1=base_top1, measure_rounds=measure_rounds, log=log)
-    lat_source = latency_model(structure, target, profile)[1]
+                        baseline_top1=base_top1, measure_rounds=measure_rounds, latency=latency, log=log)
+    lat_source = latency.label
     result_path = run_dir / "result.json"
     if result_path.is_file() and (run_dir / "compact.pt").is_file():
         log(f"{spec.method}: already finished in {run_dir}; rebuilding the report")

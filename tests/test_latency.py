@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgecompact.cost.latency import Entry, LatencyTable, LayerKey, default_table_path, layer_grid, table_for
+from edgecompact.cost.latency import Entry, LatencyTable, LayerKey, default_table_path, layer_grid
+from edgecompact.cost.model import table_for
 from edgecompact.cost.roofline import roofline_ms, roofline_table
 from edgecompact.errors import ConfigError
 from edgecompact.structure import Layer, Structure

@@ -3,7 +3,8 @@
 A table holds, per layer kind and shape (op, kernel, stride, depthwise or not, input/output HxW, precision),
 milliseconds on a grid of (c_in, c_out) widths (one axis for depthwise convs), interpolated bilinearly.
 It records where its numbers come from and refuses to serve another target. It never measures anything:
-edgecompact.profiling fills tables, edgecompact.cost.roofline estimates them.
+edgecompact.profiling fills tables, edgecompact.cost.roofline estimates them, edgecompact.cost.model picks
+one of the two for a search.
 """
 
 from __future__ import annotations
@@ -333,25 +334,3 @@ def layer_grid(
 def default_table_path(target: Target, space: str, directory: Path = PROFILES_DIR) -> Path:
     """profiles/<target>-<precision>-<space>.json"""
     return Path(directory) / f"{target.name}-{target.precision}-{space}.json"
-
-
-def table_for(
-    target: Target, structure: Structure, space: str | None = None, directory: Path = PROFILES_DIR
-) -> LatencyTable:
-    """The measured table of `target` for this search space if one exists, else the roofline estimate.
-
-    The estimate's provenance says `roofline-estimate` and `label` says so: callers print the label. A table
-    measured with another runtime than the one the target ships is refused (ConfigError), never used.
-    """
-    path = default_table_path(target, space or structure.model_name, directory)
-    if path.is_file():
-        table = LatencyTable.load(path, target)
-        if not table.is_estimate and table.runtime != target.runtime:
-            raise ConfigError(
-                f"{path}: measured with {table.runtime}, but target '{target.name}' ships {target.runtime}; "
-                f"re-profile it (`edgecompact profile --target {target.name}`)"
-            )
-        return table
-    from edgecompact.cost.roofline import roofline_table  # roofline builds LatencyTables, so it imports us
-
-    return roofline_table(structure, target)
