@@ -75,29 +75,14 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from edgecompact.cost.flops import module_flops, module_params
-    from edgecompact.data import load_dataset
-    from edgecompact.models import load_model
-    from edgecompact.train import TrainConfig, evaluate, train
+    from edgecompact.pipeline import train_model
+    from edgecompact.train import TrainConfig
 
-    data = load_dataset(args.data, input_size=args.input_size, limit=args.limit, seed=args.seed)
-    model = load_model(args.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                       input_size=data.input_size)
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out: cannot create {out}: {e.strerror}") from None
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       augment=args.augment)
     with exclusive(out, f"--out {out}", _log):
-        hist = train(model, data.train, cfg, val_set=data.val, checkpoint=out / "checkpoint.pt", desc=args.model)
-    test = data.test if data.test is not None else data.val
-    shape = (data.in_channels, data.input_size, data.input_size)
-    result = {"model": args.model, "dataset": data.name, "top1": round(evaluate(model, test), 2),
-              "mflops": round(module_flops(model, shape) / 1e6, 3), "params": module_params(model),
-              "epochs": args.epochs, "train_seconds": round(sum(e["seconds"] for e in hist["epochs"]), 1)}
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+        result = train_model(args.model, args.data, cfg, out, input_size=args.input_size, limit=args.limit)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -126,19 +111,13 @@ def _parse_options(items: list[str]) -> dict:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from dataclasses import fields
     from datetime import datetime
 
     from edgecompact.pipeline import SearchSpec, run_search
     from edgecompact.report import markdown_table
 
-    spec = SearchSpec(model=args.model, data=args.data, method=args.method, budget=args.budget, metric=args.metric,
-                      tolerance=args.tolerance, target=args.target, input_size=args.input_size, limit=args.limit,
-                      epochs=args.epochs, finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs,
-                      batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      channel_multiple=args.channel_multiple, drop_blocks=args.drop_blocks,
-                      precision=args.precision, profile=args.profile, weights=args.weights,
-                      tune_trials=args.tune_trials,
-                      distill=args.distill, final=args.final, measure_rounds=args.measure_rounds,
+    spec = SearchSpec(**{f.name: getattr(args, f.name) for f in fields(SearchSpec) if f.name != "options"},
                       options=_parse_options(args.set))
     name = args.model.split(":")[-1].replace("/", "_")
     out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{args.method}-{name}")
@@ -148,6 +127,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         parse_address(args.rpc)  # a malformed HOST:PORT fails before any training
     with exclusive(out, f"--out {out}", _log):  # one process per run directory
         doc = run_search(spec, out, force=args.force, deploy=not args.no_deploy, rpc_tracker=args.rpc,
+                         command=" ".join(["edgecompact", *sys.argv[1:]]),
                          rpc_key=args.key, log=_log)
     print(markdown_table(doc))
     print(f"run directory: {out}")
@@ -213,7 +193,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     precision = args.precision or target.precision
     calib = eval_data = None
     if data is not None:
-        test = data.test if data.test is not None else data.val
+        test = data.report_split
         eval_data = (test.tensors[0][:args.eval_samples].numpy(), test.tensors[1][:args.eval_samples].numpy())
         calib = data.train.tensors[0][:args.calib_samples].numpy()
     elif precision == "int8":

@@ -26,7 +26,7 @@ def _export(model: nn.Module, data: DataSplits, target: Target, out: Path, preci
 
     if (out / "manifest.json").is_file():
         return out
-    test = data.test if data.test is not None else data.val
+    test = data.report_split
     x, y = test.tensors
     calib = calibration_inputs(data.train).numpy() if precision == "int8" else None
     export_artifact(model.eval(), (1, data.in_channels, data.input_size, data.input_size), target, out,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -53,7 +52,7 @@ def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *
         measure_latency, measure_note = measurer_for(target, baseline, structure, precision, data, measure_rounds)
     finetune = finetune or TrainConfig()
     if baseline_top1 is None:
-        test = data.test if data.test is not None else data.val
+        test = data.report_split
         baseline_top1 = evaluate(baseline, test)
     return SearchContext(
         baseline=baseline, structure=structure, data=data, budget=budget, cost=cost, target_cost=target_cost,
@@ -165,6 +164,31 @@ def baseline_given(spec: SearchSpec) -> bool:
     return bool(spec.weights) or spec.model.endswith(".onnx")
 
 
+def train_model(model_spec: str, data_spec: str, cfg: TrainConfig, out: Path, *, input_size: int | None = None,
+                limit: int | None = None) -> dict:
+    """`edgecompact train`: train a model (zoo name or file.py:factory) on a dataset into `out` (checkpoint.pt,
+    resumable, and result.json); returns the result record."""
+    from edgecompact.cost.flops import module_flops, module_params
+    from edgecompact.data import load_dataset
+    from edgecompact.models import load_model
+
+    data = load_dataset(data_spec, input_size=input_size, limit=limit, seed=cfg.seed)
+    model = load_model(model_spec, num_classes=data.num_classes, in_channels=data.in_channels,
+                       input_size=data.input_size)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out: cannot create {out}: {e.strerror}") from None
+    hist = train(model, data.train, cfg, val_set=data.val, checkpoint=out / "checkpoint.pt", desc=model_spec)
+    shape = (data.in_channels, data.input_size, data.input_size)
+    result = {"model": model_spec, "dataset": data.name, "top1": round(evaluate(model, data.report_split), 2),
+              "mflops": round(module_flops(model, shape) / 1e6, 3), "params": module_params(model),
+              "epochs": cfg.epochs, "train_seconds": round(sum(e["seconds"] for e in hist["epochs"]), 1)}
+    write_text_atomic(out / "result.json", json.dumps(result, indent=1))
+    return result
+
+
 def train_baseline(model: nn.Module, data: DataSplits, cfg: TrainConfig, run_dir: Path, log=print) -> float:
     """Train (or resume training) the baseline in `run_dir`; returns its test top-1."""
     done = run_dir / "baseline.pt"
@@ -176,13 +200,15 @@ def train_baseline(model: nn.Module, data: DataSplits, cfg: TrainConfig, run_dir
         save_atomic({"model": model.state_dict()}, done)
         (run_dir / "baseline.ckpt").unlink(missing_ok=True)
     model.eval()
-    return evaluate(model, data.test if data.test is not None else data.val)
+    return evaluate(model, data.report_split)
 
 
 def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: bool = True,
                baseline_artifact: Path | None = None, rpc_tracker: str | None = None, rpc_key: str | None = None,
-               log=print) -> dict:
-    """`edgecompact search`: baseline -> method -> compact model, arch.json, report.json/md (and deploy)."""
+               command: str | None = None, log=print) -> dict:
+    """`edgecompact search`: baseline -> method -> compact model, arch.json, report.json/md (and deploy).
+
+    `command`: how the caller asked for it, for the report (default: the equivalent `edgecompact search` line)."""
     from edgecompact.data import load_dataset
     from edgecompact.methods.base import FINALS, get_method, run_method
     from edgecompact.report import result_record, write_report
@@ -218,7 +244,7 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
         log(f"baseline: {spec.weights or spec.model} as given, not trained; from-scratch trainings get "
             f"{total_epochs(spec)} epochs (--epochs {spec.epochs} + search + fine-tune: the baseline's own are unknown)")
         base_val = evaluate(model.eval(), data.val)
-        base_top1 = evaluate(model, data.test if data.test is not None else data.val)
+        base_top1 = evaluate(model, data.report_split)
     else:
         base_top1 = train_baseline(model, data, cfg, run_dir, log)
     base_wall = time.perf_counter() - t0
@@ -263,7 +289,7 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
         deploy_run(run_dir, records, model, compact, data, target, precision=precision,
                    tune_trials=spec.tune_trials, baseline_dir=baseline_artifact, rpc_tracker=rpc_tracker,
                    rpc_key=rpc_key, log=log)
-    command = " ".join(["edgecompact", *sys.argv[1:]])
+    command = command or search_command(spec)
     report = write_report(run_dir, records, command=command, protocol=_protocol(spec, data.notes))
     return report
 
@@ -273,6 +299,19 @@ def preprocessing(data: DataSplits) -> dict:
     return {"input_shape": [data.in_channels, data.input_size, data.input_size],
             "normalize": "pixels scaled to [0, 1], then (x - mean) / std per channel (train split statistics)",
             "mean": list(data.mean), "std": list(data.std), "classes": list(data.classes)}
+
+
+def search_command(spec: SearchSpec) -> str:
+    """The `edgecompact search` line that asks for `spec` (options that differ from their defaults)."""
+    defaults = asdict(SearchSpec(model=spec.model, data=spec.data, method=spec.method, budget=spec.budget))
+    args = [f"--model {spec.model}", f"--data {spec.data}", f"--method {spec.method}", f"--budget {spec.budget}"]
+    for key, value in asdict(spec).items():
+        if key in ("model", "data", "method", "budget", "options") or value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        args.append(flag if value is True else f"{flag} {value}")
+    args += [f"--set {k}={v}" for k, v in spec.options.items()]
+    return "edgecompact search " + " ".join(args)
 
 
 def total_epochs(spec: SearchSpec) -> int:

@@ -394,22 +394,27 @@ def channel_masks(structure: Structure, keep: dict[str, list[int]]) -> dict[str,
 def mask(model: nn.Module, structure: Structure, keep: dict[str, list[int]]) -> nn.Module:
     """A copy of `model` whose removed channels are zeroed (the reference that `slim` must reproduce exactly)."""
     model = copy.deepcopy(model)
+    apply_masks(model, structure, channel_masks(structure, keep))
+    return model
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, structure: Structure, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the channels whose mask is 0 in place: every writer's output rows (weight and bias) per group."""
     mods = _modules(model)
-    masks = channel_masks(structure, keep)
     for layer in structure.layers:
-        if layer.out_group is None:
+        if layer.out_group is None or bool(masks[layer.out_group].all()):
             continue
         mk = masks[layer.out_group]
         if layer.name not in mods:  # in a branch removed earlier
             if (cb := _removed_branch_bias(mods, layer)) is not None:
-                cb.bias.mul_(mk.view(1, -1, 1, 1))
+                cb.bias.mul_(mk.view(1, -1, 1, 1).to(cb.bias.dtype))
             continue
         m = mods[layer.name]
         shape = (-1,) + (1,) * (m.weight.dim() - 1)
         m.weight.mul_(mk.view(shape).to(m.weight.dtype))
         if getattr(m, "bias", None) is not None:
-            m.bias.mul_(mk)
-    return model
+            m.bias.mul_(mk.to(m.bias.dtype))
 
 
 @torch.no_grad()
@@ -477,3 +482,36 @@ def slim(model: nn.Module, structure: Structure, keep: dict[str, list[int]]) -> 
 
 def widths_of(keep: dict[str, list[int]]) -> dict[str, int]:
     return {g: len(v) for g, v in keep.items()}
+
+
+# per-layer tensors shaped like (weight, bias or None), keyed by layer name: the input of channel_sums
+LayerValues = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+
+def channel_sums(structure: Structure, values: LayerValues) -> dict[str, torch.Tensor]:
+    """Sum an elementwise quantity over every slice each channel owns, per group.
+
+    `values[layer_name] = (like_weight, like_bias or None)`: tensors shaped like the layer's weight and bias (for a
+    BN: gamma and beta). Writers contribute their output rows (and bias), readers their input columns; layers
+    missing from `values` are skipped.
+    """
+    out = {g: torch.zeros(w) for g, w in structure.groups.items()}
+    for layer in structure.layers:
+        if layer.name not in values:
+            continue
+        w, b = values[layer.name]
+        if layer.out_group is not None:
+            g = layer.out_group
+            out[g] = out[g] + (w.flatten(1).sum(1) if w.dim() > 1 else w)
+            if b is not None:
+                out[g] = out[g] + b
+        if layer.op == "batchnorm" or layer.depthwise:
+            continue
+        pos = 0
+        for part, mult in zip(layer.in_parts, layer.in_multiplier):
+            width = structure.groups[part] if isinstance(part, str) else part
+            if isinstance(part, str):
+                cols = w[:, pos:pos + width * mult]
+                out[part] = out[part] + cols.reshape(cols.shape[0], width, mult, -1).sum((0, 2, 3))
+            pos += width * mult
+    return out
+

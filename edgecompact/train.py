@@ -41,6 +41,23 @@ class TrainConfig:
     optimizer: str = "sgd"  # "sgd" | "adam"
 
 
+def cosine(step: int, total: int) -> float:
+    """The schedule's factor on the base learning rate at `step` of `total` (cosine from 1 to 0)."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+def schedule_steps(cfg: TrainConfig, n: int) -> int:
+    """Optimizer steps `train` takes over `n` training images with `cfg` (one process)."""
+    return max(1, n // min(cfg.batch_size, n)) * max(1, cfg.epochs)
+
+
+def lr_sum(cfg: TrainConfig, n: int) -> float:
+    """Sum of the learning rates `train` applies over `n` training images: how far a constant gradient (a
+    regularizer's pull) moves a weight, before momentum's 1 / (1 - momentum) gain."""
+    steps = schedule_steps(cfg, n)
+    return cfg.lr * sum(cosine(s, steps) for s in range(steps))
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -136,7 +153,7 @@ def train(model: nn.Module, train_set: TensorDataset, cfg: TrainConfig, *, val_s
     batch = max(world, min(cfg.batch_size, len(y_all)))
     steps_per_epoch = max(1, len(y_all) // batch)
     total = max(1, cfg.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, total))
     history: dict = {"config": asdict(cfg), "epochs": []}
     start = 0
     if checkpoint is not None and Path(checkpoint).is_file():

@@ -294,7 +294,7 @@ def run_seed(a: argparse.Namespace, seed: int, methods: list[str], options: dict
     if a.distill:
         method_root = method_root / f"kd{a.distill:g}"
     data = load_dataset(a.dataset, input_size=a.input_size, seed=seed, limit=a.limit)
-    test = data.test if data.test is not None else data.val
+    test = data.report_split
     dataset = a.dataset.split(":")[0]
     shape = (1, data.in_channels, data.input_size, data.input_size)
 

@@ -100,6 +100,11 @@ class DataSplits:
     notes: tuple[str, ...] = ()
     classes: tuple[str, ...] = ()  # class names in label order, when the dataset has them (image folders)
 
+    @property
+    def report_split(self) -> TensorDataset:
+        """The split reported numbers come from: test, else validation (never used for a choice)."""
+        return self.test if self.test is not None else self.val
+
 
 def dataset_names() -> list[str]:
     """The dataset names `load_dataset` accepts (before the optional `:PATH`)."""

@@ -132,6 +132,37 @@ def _load_all() -> None:
             importlib.import_module(f"edgecompact.methods.{info.name}")
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_options(method: str, given: dict, defaults: dict[str, object]) -> dict:
+    """A method's `--set key=value` options, typed like `defaults`: bool (true/false, 1/0, yes/no, on/off), int,
+    float or str; a default of None takes a float when given and stays None otherwise. An unknown key or a value of
+    the wrong type is a ConfigError naming it."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(f"--set {unknown[0]}: not a {method} option (known: {', '.join(defaults)})")
+    out = {}
+    for key, default in defaults.items():
+        value = given.get(key, default)
+        kind = float if default is None else type(default)
+        if value is None or isinstance(value, kind) and not (kind is float and isinstance(value, bool)):
+            out[key] = value
+            continue
+        text = str(value).strip().lower()
+        try:
+            if kind is bool:
+                if text not in _TRUE + _FALSE:
+                    raise ValueError
+                out[key] = text in _TRUE
+            else:
+                out[key] = kind(str(value).strip())
+        except ValueError:
+            expected = "true or false" if kind is bool else kind.__name__
+            raise ConfigError(f"--set {key}={value}: expected {expected}") from None
+    return out
+
+
 def marginal_costs(cost: CostFn, structure: Structure, widths: dict[str, int], step: int = 1) -> dict[str, float]:
     """Cost saved by removing `step` channels of each group at `widths` (per channel)."""
     base = cost(widths)
@@ -243,7 +274,7 @@ def measure(ctx: SearchContext, widths: dict[str, int], model: nn.Module) -> dic
 
     Below fp32, `top1` is onnxruntime's own on the model deploy ships (this machine's int8 settings), with the
     search's fast proxy (fake quantization / torch in half) beside it as `top1_proxy`."""
-    test = ctx.data.test if ctx.data.test is not None else ctx.data.val
+    test = ctx.data.report_split
     achieved = ctx.cost(widths)
     top1_fp32 = evaluate(model, test)
     out = {

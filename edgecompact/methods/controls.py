@@ -23,7 +23,7 @@ import torch
 
 from edgecompact.budget import fit_uniform
 from edgecompact.errors import ConfigError
-from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, register_method
+from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, parse_options, register_method
 from edgecompact.structure import Structure
 
 
@@ -91,14 +91,8 @@ def uniform_depth_scratch(ctx: SearchContext) -> Proposal:
     if not ctx.structure.droppable:
         raise ConfigError("uniform-depth-scratch: this model has no removable residual blocks here "
                           "(pass --drop-blocks, with a zoo ResNet)")
-    unknown = sorted(set(ctx.options) - {"depth"})
-    if unknown:
-        raise ConfigError(f"--set {unknown[0]}: not a uniform-depth-scratch option (known: depth)")
     default = (ctx.target_cost / ctx.baseline_cost) ** (1 / 3)
-    try:
-        depth = float(ctx.options.get("depth", default))
-    except ValueError:
-        raise ConfigError(f"--set depth={ctx.options['depth']}: expected a fraction in [0, 1]") from None
+    depth = parse_options("uniform-depth-scratch", ctx.options, {"depth": default})["depth"]
     if not 0 <= depth <= 1:
         raise ConfigError(f"--set depth={depth:g}: expected a fraction in [0, 1]")
     removed = dropped_blocks(ctx.structure, depth)

@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 
 from edgecompact.budget import CostFn, fit_to_budget, within
 from edgecompact.errors import BudgetError, ConfigError
-from edgecompact.methods.base import Proposal, SearchContext, marginal_costs, register_method
+from edgecompact.methods.base import Proposal, SearchContext, marginal_costs, parse_options, register_method
 from edgecompact.precision import calibration_inputs, evaluate_at_precision
 from edgecompact.structure import Structure, check_widths, slim, widths_of
 from edgecompact.train import evaluate, load_checkpoint, train
@@ -58,22 +58,7 @@ HARD = ("budget", "multiple")  # constraints no returned network may break, even
 
 def options(ctx: SearchContext) -> dict:
     """The method's options from `ctx.options` (`--set key=value`), typed like the defaults, checked."""
-    unknown = sorted(set(ctx.options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"--set {unknown[0]}: not a gensynth option (known: {', '.join(OPTIONS)})")
-    out = {}
-    for key, default in OPTIONS.items():
-        value = ctx.options.get(key, default)
-        try:
-            if isinstance(default, bool):
-                if str(value).lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                value = str(value).lower() in ("true", "1")
-            else:
-                value = type(default)(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--set {key}={value}: expected {type(default).__name__}") from None
-        out[key] = value
+    out = parse_options("gensynth", ctx.options, OPTIONS)
     if out["mimic"] == "distill":
         out["mimic"] = ctx.finetune.distill_alpha
     try:

@@ -25,40 +25,21 @@ from torch import nn
 
 from edgecompact.budget import fit_to_budget
 from edgecompact.errors import ConfigError
-from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, marginal_costs, register_method
-from edgecompact.structure import Structure
-from edgecompact.train import train
+from edgecompact.methods.base import (
+    Proposal,
+    SearchContext,
+    copy_baseline,
+    marginal_costs,
+    parse_options,
+    register_method,
+)
+from edgecompact.structure import LayerValues, Structure, channel_sums
+from edgecompact.train import lr_sum, train
 
-LayerValues = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+# `--set` options and their defaults (lr: the fine-tune's; lambda None: chosen from `strength`, see auto_lambda)
+OPTIONS: dict[str, object] = {"lr": 0.01, "cost_weighted": True, "score": "mean", "lambda": None, "strength": 0.3,
+                              "zero_below": 1e-4}
 
-
-def channel_sums(structure: Structure, values: LayerValues) -> dict[str, torch.Tensor]:
-    """Sum an elementwise quantity over every slice each channel owns, per group.
-
-    `values[layer_name] = (like_weight, like_bias or None)`: tensors shaped like the layer's weight and bias (for a
-    BN: gamma and beta). Writers contribute their output rows (and bias), readers their input columns; layers
-    missing from `values` are skipped.
-    """
-    out = {g: torch.zeros(w) for g, w in structure.groups.items()}
-    for layer in structure.layers:
-        if layer.name not in values:
-            continue
-        w, b = values[layer.name]
-        if layer.out_group is not None:
-            g = layer.out_group
-            out[g] = out[g] + (w.flatten(1).sum(1) if w.dim() > 1 else w)
-            if b is not None:
-                out[g] = out[g] + b
-        if layer.op == "batchnorm" or layer.depthwise:
-            continue
-        pos = 0
-        for part, mult in zip(layer.in_parts, layer.in_multiplier):
-            width = structure.groups[part] if isinstance(part, str) else part
-            if isinstance(part, str):
-                cols = w[:, pos:pos + width * mult]
-                out[part] = out[part] + cols.reshape(cols.shape[0], width, mult, -1).sum((0, 2, 3))
-            pos += width * mult
-    return out
 
 
 def _values(model: nn.Module, structure: Structure, fn) -> LayerValues:
@@ -116,10 +97,8 @@ def auto_lambda(ctx: SearchContext, cost_w: dict[str, float], lr: float, strengt
     step, so it reaches 0 when lambda * c_g * sum(lr_eff) = 1; lr_eff sums the cosine schedule and SGD's momentum.
     """
     cfg = ctx.search_config(lr=lr)
-    n = len(ctx.data.train)
-    steps = max(1, n // min(cfg.batch_size, n)) * max(1, cfg.epochs)
-    lr_sum = sum(0.5 * lr * (1 + math.cos(math.pi * s / steps)) for s in range(steps)) / (1 - cfg.momentum)
-    return strength / (lr_sum * max(cost_w.values()))
+    pull = lr_sum(cfg, len(ctx.data.train)) / (1 - cfg.momentum)
+    return strength / (pull * max(cost_w.values()))
 
 
 def penalty_weights(model: nn.Module, structure: Structure, cost_w: dict[str, float]) -> dict[str, float]:
@@ -137,10 +116,8 @@ def penalty_weights(model: nn.Module, structure: Structure, cost_w: dict[str, fl
 @register_method("group-lasso")
 def group_lasso(ctx: SearchContext) -> Proposal:
     """Sparse-train a copy of the baseline with the (cost-weighted) group lasso, then cut to the budget."""
-    opts = ctx.options
-    lr = float(opts.get("lr", ctx.finetune.lr))
-    weighted = str(opts.get("cost_weighted", "true")).lower() in ("1", "true", "yes", "on")
-    score_by = str(opts.get("score", "mean"))
+    opts = parse_options("group-lasso", ctx.options, {**OPTIONS, "lr": ctx.finetune.lr})
+    lr, weighted, score_by = opts["lr"], opts["cost_weighted"], opts["score"]
     if score_by not in ("baseline", "mean"):
         raise ConfigError(f"--set score={score_by}: choose baseline or mean")
     model = copy_baseline(ctx)
@@ -150,9 +127,9 @@ def group_lasso(ctx: SearchContext) -> Proposal:
     sizes = slice_sizes(model, structure)
     with torch.no_grad():
         before = {g: n.mean() for g, n in slice_norms(model, structure).items()}
-    lam = float(opts["lambda"]) if "lambda" in opts else auto_lambda(ctx, cost_w, lr, float(opts.get("strength", 0.3)))
+    lam = opts["lambda"] if opts["lambda"] is not None else auto_lambda(ctx, cost_w, lr, opts["strength"])
     ctx.log(f"group-lasso: lambda={lam:.3g} lr={lr:g} cost_weighted={weighted} epochs={ctx.search_epochs}")
-    hist = sparse_train(ctx, model, weights, lam, lr, float(opts.get("zero_below", 1e-4)),
+    hist = sparse_train(ctx, model, weights, lam, lr, opts["zero_below"],
                         ctx.state_path("group_lasso.pt"))
     with torch.no_grad():
         norms = slice_norms(model, structure)

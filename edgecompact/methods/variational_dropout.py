@@ -32,10 +32,13 @@ from torch import nn
 
 from edgecompact.budget import fit_to_budget
 from edgecompact.errors import ConfigError
-from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, register_method
-from edgecompact.methods.group_lasso import channel_sums
-from edgecompact.structure import Structure
+from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, parse_options, register_method
+from edgecompact.structure import Structure, channel_sums
 from edgecompact.train import load_checkpoint, train
+
+# `--set` options and their defaults
+OPTIONS: dict[str, object] = {"lr": 1e-3, "warmup": 0.3, "log_alpha": -4.0, "sigma_lr_mult": 30.0, "threshold": 3.0,
+                              "score": "mean"}
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 LOG_ALPHA_MIN, LOG_ALPHA_MAX = -8.0, 8.0
@@ -198,19 +201,16 @@ def vd_train(ctx: SearchContext, vd_model: nn.Module, lr: float, warmup: float,
 @register_method("variational-dropout")
 def variational_dropout(ctx: SearchContext) -> Proposal:
     """Train a sparse-VD copy of the baseline, remove channels by their dropped share to hit the budget."""
-    opts = ctx.options
-    lr = float(opts.get("lr", 1e-3))
-    warmup = float(opts.get("warmup", 0.3))
-    log_alpha = float(opts.get("log_alpha", -4.0))
-    sigma_scale = float(opts.get("sigma_lr_mult", 30.0))
-    threshold = float(opts.get("threshold", 3.0))
+    opts = parse_options("variational-dropout", ctx.options, OPTIONS)
+    lr, warmup, log_alpha = opts["lr"], opts["warmup"], opts["log_alpha"]
+    sigma_scale, threshold = opts["sigma_lr_mult"], opts["threshold"]
     vd_model = to_variational(ctx.baseline, log_alpha, sigma_scale, threshold)
     ctx.log(f"variational-dropout: lr={lr:g} warmup={warmup:g} log_alpha={log_alpha:g} "
             f"sigma_lr_mult={sigma_scale:g} epochs={ctx.search_epochs}")
     sparsity0 = sparsity(vd_model)
     hist = vd_train(ctx, vd_model, lr, warmup, ctx.state_path("variational_dropout.pt"))
     vd_model.eval()
-    score_by = str(opts.get("score", "mean"))
+    score_by = opts["score"]
     if score_by not in ("share", "mean"):
         raise ConfigError(f"--set score={score_by}: choose share or mean")
     scores, group_share = channel_scores(vd_model, ctx.structure, score_by == "mean")
