@@ -205,3 +205,28 @@ def train(model: nn.Module, train_set: TensorDataset, cfg: TrainConfig, *, val_s
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "epoch": epoch, "history": history}, Path(checkpoint))
     return history
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Re-estimate BatchNorm running statistics (plain average over `batches`) after channels were removed.
+
+    A few fine-tune steps cannot move the stale statistics far enough (momentum 0.1), and a candidate judged on
+    them looks far worse than it is.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in bns]
+    device = next(model.parameters()).device
+    was = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for x, _ in batches:
+            model(x.to(device))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was)
+

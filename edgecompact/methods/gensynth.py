@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,8 +26,9 @@ from edgecompact.budget import CostFn, fit_to_budget, within
 from edgecompact.errors import BudgetError, ConfigError
 from edgecompact.methods.base import Proposal, SearchContext, marginal_costs, parse_options, register_method
 from edgecompact.precision import calibration_inputs, evaluate_at_precision
-from edgecompact.structure import Structure, check_widths, slim, widths_of
-from edgecompact.train import evaluate, load_checkpoint, train
+from edgecompact.storage import write_text_atomic
+from edgecompact.structure import Structure, check_widths, part_slices, slim, widths_of
+from edgecompact.train import evaluate, load_checkpoint, recalibrate_bn, save_atomic, train
 
 OPTIONS: dict[str, object] = {
     "cycles": 4,  # K: compaction cycles, geometric steps from the baseline's cost to the budget
@@ -182,14 +183,24 @@ class Inquisitor:
     elite: float  # fraction of acceptable samples whose insights count
 
 
-def _writers(structure: Structure) -> dict[str, list[str]]:
-    """Modules whose outputs carry each group's channels: its BatchNorms, else its convs/linears."""
-    out: dict[str, list[str]] = {}
+Writer = tuple[str, int, int]  # module name, first output channel of the group, output channels per group channel
+
+
+def _writers(structure: Structure) -> dict[str, list[Writer]]:
+    """Modules whose outputs carry each group's channels (and where): its BatchNorms, else its convs/linears."""
+    out: dict[str, list[Writer]] = {}
     for g in structure.groups:
-        layers = [la for la in structure.layers if la.out_group == g]
-        bns = [la.name for la in layers if la.op == "batchnorm"]
-        out[g] = bns or [la.name for la in layers]
+        found = [(la, pos, mult) for la in structure.layers
+                 for h, pos, _, mult in part_slices(la.out_parts, la.out_multiplier, structure.groups) if h == g]
+        bns = [(la.name, pos, mult) for la, pos, mult in found if la.op == "batchnorm"]
+        out[g] = bns or [(la.name, pos, mult) for la, pos, mult in found]
     return out
+
+
+def _per_channel(t: torch.Tensor, pos: int, width: int, mult: int) -> torch.Tensor:
+    """(batch, width): a writer's output summed over each group channel's features (and space)."""
+    t = t[:, pos:pos + width * mult]
+    return t.reshape(t.shape[0], width, -1).sum(2)
 
 
 def contributions(inq: Inquisitor, model: nn.Module, structure: Structure) -> dict[str, torch.Tensor]:
@@ -200,7 +211,7 @@ def contributions(inq: Inquisitor, model: nn.Module, structure: Structure) -> di
     increase when the channel is zeroed in all of its writers (clipped at 0).
     """
     mods = dict(model.named_modules())
-    writers = {g: [n for n in ns if n in mods] for g, ns in _writers(structure).items()
+    writers = {g: [w for w in ws if w[0] in mods] for g, ws in _writers(structure).items()
                if structure.groups[g]}  # a width-0 group's block (and a dropped block's BN) is gone
     gone = {g: torch.zeros(0) for g, w in structure.groups.items() if not w}
     device = next(model.parameters()).device
@@ -208,30 +219,28 @@ def contributions(inq: Inquisitor, model: nn.Module, structure: Structure) -> di
     model.eval()  # stimuli must not move BN statistics
     try:
         if inq.perturbation == "taylor":
-            return _taylor(model, mods, writers, inq.probes, device) | gone
+            return _taylor(model, mods, writers, structure.groups, inq.probes, device) | gone
         return _ablation(model, mods, writers, structure.groups, inq.probes) | gone
     finally:
         model.train(was)
 
 
-def _taylor(model, mods, writers, probes, device) -> dict[str, torch.Tensor]:
+def _taylor(model, mods, writers, widths, probes, device) -> dict[str, torch.Tensor]:
     total: dict[str, torch.Tensor] = {}
     seen = 0
     acts: dict[str, torch.Tensor] = {}
+    names = sorted({n for ws in writers.values() for n, _, _ in ws})
     for x, y in probes:
         acts.clear()
-        handles = [mods[n].register_forward_hook(lambda _m, _i, o, n=n: acts.__setitem__(n, o))
-                   for names in writers.values() for n in names]
+        handles = [mods[n].register_forward_hook(lambda _m, _i, o, n=n: acts.__setitem__(n, o)) for n in names]
         try:
             loss = F.cross_entropy(model(x.to(device)), y.to(device), reduction="sum")
         finally:
             for h in handles:
                 h.remove()
-        names = list(acts)
         grads = dict(zip(names, torch.autograd.grad(loss, [acts[n] for n in names])))
-        for g, ns in writers.items():
-            per_example = sum((acts[n] * grads[n]).detach().flatten(2).sum(2) if acts[n].dim() > 2
-                              else (acts[n] * grads[n]).detach() for n in ns)
+        for g, ws in writers.items():
+            per_example = sum(_per_channel((acts[n] * grads[n]).detach(), pos, widths[g], mult) for n, pos, mult in ws)
             total[g] = total.get(g, 0) + per_example.abs().sum(0).cpu()
         seen += len(y)
     return {g: v / seen for g, v in total.items()}
@@ -241,15 +250,15 @@ def _taylor(model, mods, writers, probes, device) -> dict[str, torch.Tensor]:
 def _ablation(model, mods, writers, widths, probes) -> dict[str, torch.Tensor]:
     base = probe_loss(model, probes)
     out = {}
-    for g, names in writers.items():
+    for g, ws in writers.items():
         deltas = torch.zeros(widths[g])
         for c in range(widths[g]):
-            def zero(_m, _i, o, c=c):
+            def zero(_m, _i, o, c=c, pos=0, mult=1):
                 o = o.clone()
-                o[:, c] = 0
+                o[:, pos + c * mult:pos + (c + 1) * mult] = 0
                 return o
 
-            handles = [mods[name].register_forward_hook(zero) for name in names]
+            handles = [mods[n].register_forward_hook(partial(zero, pos=pos, mult=mult)) for n, pos, mult in ws]
             try:
                 deltas[c] = probe_loss(model, probes) - base
             finally:
@@ -398,29 +407,6 @@ def _finetune(ctx: SearchContext, model: nn.Module, steps: int, seed: int, desc:
     train(model, TensorDataset(x[idx], y[idx]), cfg, desc=desc, teacher=ctx.baseline if mimic > 0 else None)
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Re-estimate BatchNorm running statistics (plain average over `batches`) after channels were removed.
-
-    A few fine-tune steps cannot move the stale statistics far enough (momentum 0.1), and a candidate judged on
-    them looks far worse than it is.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    momenta = [m.momentum for m in bns]
-    device = next(model.parameters()).device
-    was = model.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        for x, _ in batches:
-            model(x.to(device))
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        model.train(was)
-
 
 def _config(ctx: SearchContext, opts: dict) -> dict:
     """What a resumed search must share with the one that wrote the state (`strict` only judges the end)."""
@@ -430,22 +416,15 @@ def _config(ctx: SearchContext, opts: dict) -> dict:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _save(ctx: SearchContext, config: dict, history: list[dict], gen: Generator) -> None:
     """After each cycle: history (JSON, for people) and G's state (for resuming at the next cycle)."""
     if ctx.run_dir is None:
         return
-    path = ctx.state_path("gensynth.pt")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"cycles_done": len(history), "logits": gen.logits, "keep": gen.keep,
-                "model": gen.model.state_dict()}, tmp)
-    os.replace(tmp, path)
+    save_atomic({"cycles_done": len(history), "logits": gen.logits, "keep": gen.keep,
+                 "model": gen.model.state_dict()}, ctx.state_path("gensynth.pt"))
     _write_json(ctx.state_path("gensynth.json"), {"config": config, "cycles": history})
 
 
