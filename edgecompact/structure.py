@@ -1,7 +1,8 @@
 """Channel structure of a CNN: coupled channel groups, ArchSpec, masking and slimming.
 
-Groups are found once by tracing (torch-pruning's DependencyGraph, which follows residual adds, concats and
-depthwise convs); every search method scores or sizes these groups and never re-derives them. `slim` is the one
+Channels are coupled once by tracing (torch-pruning's DependencyGraph, which follows residual adds, concats, splits,
+flattens and depthwise convs, plus whole groups of grouped convs); coupled channels that always appear in the same
+order form a group. Every search method scores or sizes these groups and never re-derives them. `slim` is the one
 place that physically removes channels. Nothing here trains or scores channels.
 """
 
@@ -10,11 +11,13 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from edgecompact.errors import BudgetError, ConfigError
 from edgecompact.storage import write_text_atomic
@@ -36,14 +39,43 @@ class Layer:
     in_hw: tuple[int, int]
     out_hw: tuple[int, int]
     in_parts: list[str | int]  # concatenated input channel sources: a group name or a fixed channel count
-    out_group: str | None  # None: fixed output channels (the classifier)
+    out_group: str | None  # the group of all output channels; None when fixed (the classifier) or several parts
     out_channels: int
-    # per in_part, input features per channel (> 1 when a linear layer reads a flattened C x H x W map)
+    # per in_part, input features per channel (> 1 when a linear layer reads a flattened C x H x W map, or a
+    # grouped conv reads whole groups of channels)
     in_multiplier: list[int] = field(default_factory=list)
+    # concatenated output channel sources, like in_parts (a depthwise conv or a BN after a concat has several)
+    out_parts: list[str | int] = field(default_factory=list)
+    out_multiplier: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.in_multiplier:
             self.in_multiplier = [1] * len(self.in_parts)
+        if not self.out_parts:
+            self.out_parts = [self.out_group] if self.out_group is not None else [self.out_channels]
+        if not self.out_multiplier:
+            self.out_multiplier = [1] * len(self.out_parts)
+
+    @property
+    def out_groups(self) -> list[str]:
+        """The groups among this layer's output channels (empty when all are fixed)."""
+        return [p for p in self.out_parts if isinstance(p, str)]
+
+
+def part_slices(parts: list[str | int], multipliers: list[int],
+                widths: dict[str, int]) -> list[tuple[str, int, int, int]]:
+    """(group, first feature, width, features per channel) of each group part of a concatenation at `widths`."""
+    out, pos = [], 0
+    for part, mult in zip(parts, multipliers):
+        width = widths[part] if isinstance(part, str) else part
+        if isinstance(part, str):
+            out.append((part, pos, width, mult))
+        pos += width * mult
+    return out
+
+
+def _count(parts: list[str | int], multipliers: list[int], widths: dict[str, int]) -> int:
+    return sum((widths[p] if isinstance(p, str) else p) * m for p, m in zip(parts, multipliers))
 
 
 @dataclass
@@ -60,14 +92,8 @@ class Structure:
 
     def channels(self, widths: dict[str, int]) -> list[tuple[Layer, int, int]]:
         """(layer, c_in, c_out) of every layer when each group has the given width."""
-        out = []
-        for layer in self.layers:
-            c_in = sum(
-                (widths[p] if isinstance(p, str) else p) * m for p, m in zip(layer.in_parts, layer.in_multiplier)
-            )
-            c_out = widths[layer.out_group] if layer.out_group is not None else layer.out_channels
-            out.append((layer, c_in, c_out))
-        return out
+        return [(layer, _count(layer.in_parts, layer.in_multiplier, widths),
+                 _count(layer.out_parts, layer.out_multiplier, widths)) for layer in self.layers]
 
     def baseline_widths(self) -> dict[str, int]:
         return dict(self.groups)
@@ -197,45 +223,9 @@ def analyze(model: nn.Module, input_shape: tuple[int, int, int], model_name: str
                                   "shared layers are not supported")
         _check_supported(model, names, model_name)
         fixed = _output_layers(model, example)
-        with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        dg = dependency_graph(model, example)
         order = [m for m in model.modules() if m in shapes]
-        names_to_mod = {n: m for m, n in names.items()}
-        rank = {m: i for i, m in enumerate(order)}
-        groups: dict[str, int] = {}
-        out_group: dict[nn.Module, str] = {}
-        in_slices: dict[nn.Module, list[tuple[int, int, str]]] = {}  # (first idx, count, group)
-        for group in dg.get_all_groups(ignored_layers=fixed, root_module_types=(nn.Conv2d, nn.Linear)):
-            outs, ins = [], []
-            for item in group.items:
-                mod, fn = item.dep.target.module, item.dep.handler
-                idxs = sorted(int(i) for i in item.idxs)
-                if mod not in shapes:
-                    continue
-                if dg.is_out_channel_pruning_fn(fn):
-                    outs.append((mod, idxs))
-                else:
-                    ins.append((mod, idxs))
-            params = [m for m, _ in outs if not isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d))]
-            root = min(params or [m for m, _ in outs], key=lambda m: rank[m])
-            name = names[root]
-            width = len(next(i for m, i in outs if m is root))
-            partial = [m for m, i in outs if len(i) != width]
-            if partial:
-                raise ConfigError(f"model '{model_name}': layer '{names[partial[0]]}' feeds a concat that is "
-                                  "coupled again (depthwise conv or residual add after a concat): not supported")
-            groups[name] = width
-            for mod, _ in outs:
-                out_group[mod] = name
-            for mod, idxs in ins:
-                if _is_depthwise(mod):
-                    continue
-                if idxs != list(range(idxs[0], idxs[0] + len(idxs))) or len(idxs) % width:
-                    raise ConfigError(f"model '{model_name}': layer '{names[mod]}' reads group '{name}' through a "
-                                      "channel permutation edgecompact cannot slim")
-                in_slices.setdefault(mod, []).append((idxs[0], len(idxs), name))
-        groups = dict(sorted(groups.items(), key=lambda kv: rank[names_to_mod[kv[0]]]))
-        layers = [_make_layer(m, names[m], shapes[m], out_group.get(m), in_slices.get(m, []), groups) for m in order]
+        groups, layers = _channel_groups(dg, order, names, shapes, fixed)
     finally:
         model.train(was_training)
     structure = Structure(model_name=model_name, input_shape=input_shape, groups=groups, layers=layers)
@@ -249,9 +239,7 @@ def droppable_groups(model: nn.Module, structure: Structure) -> dict[str, str]:
     blocks = [n for n, m in model.named_modules() if callable(getattr(m, "drop_branch", None)) and n]
     touching: dict[str, set[str]] = {g: set() for g in structure.groups}
     for layer in structure.layers:
-        if layer.out_group is not None:
-            touching[layer.out_group].add(layer.name)
-        for part in layer.in_parts:
+        for part in layer.out_parts + layer.in_parts:
             if isinstance(part, str):
                 touching[part].add(layer.name)
     out = {}
@@ -268,47 +256,285 @@ def _is_depthwise(m: nn.Module) -> bool:
 
 def _check_supported(model: nn.Module, names: dict, model_name: str) -> None:
     for m in model.modules():
-        if isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m):
-            raise ConfigError(f"model '{model_name}': grouped conv '{names[m]}' (groups={m.groups}) is not supported")
         if not isinstance(m, _PARAM_TYPES) and any(True for _ in m.parameters(recurse=False)):
             raise ConfigError(f"model '{model_name}': layer '{names[m]}' ({type(m).__name__}) has parameters "
                               "edgecompact cannot slim")
+
+
+# Channels passing these traced ops keep their width: the forward code fixes their sizes (a split's sizes, a
+# shuffle's view) or reorders them in a way the index mapping does not follow (transpose, permute).
+_REORDERING_GRAD_FNS = ("Transpose", "Permute")
+_FIXED_OP_TYPES = (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.EXPAND, tp.ops.OPTYPE.OUTPUT)
+
+
+def _fixes_channels(node) -> bool:
+    """Whether channels through this traced op must keep their width (see _REORDERING_GRAD_FNS)."""
+    if node.type in _FIXED_OP_TYPES:
+        return True
+    fn = node.grad_fn
+    name = type(fn).__name__ if fn is not None else ""
+    if node.type == tp.ops.OPTYPE.RESHAPE:
+        sizes = getattr(fn, "_saved_self_sym_sizes", getattr(fn, "_saved_self_sizes", None))
+        return sizes is not None and len(sizes) not in (2, 4)  # a flatten / unflatten keeps the channel order
+    if node.type == tp.ops.OPTYPE.SLICE:
+        op = node.module
+        sizes = getattr(fn, "_saved_self_sym_sizes", None)
+        if sizes is None or op.dim != 1:
+            return sizes is None
+        return not (op.start in (0, None) and op.step == 1 and op.end >= int(sizes[1]))  # a full slice is a no-op
+    return node.type == tp.ops.OPTYPE.ELEMENTWISE and name.startswith(_REORDERING_GRAD_FNS)
+
+
+class _ConcatSizes(TorchFunctionMode):
+    """Records the input widths of every channel concat of a forward, keyed by the concat's grad_fn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if getattr(func, "__name__", "") in ("cat", "concat", "concatenate") and getattr(out, "grad_fn", None):
+            tensors = args[0] if args else kwargs["tensors"]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if out.dim() > 1 and dim % out.dim() == 1:
+                self.sizes[out.grad_fn] = [int(t.shape[1]) for t in tensors]
+        return out
+
+
+def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's DependencyGraph of `model`, with every channel concat mapped by its traced input widths.
+
+    torch-pruning (1.6.1) infers a concat's input widths through the graph and skips the concat when that fails (an
+    input from a reshape such as a channel shuffle) or when the concat's output reaches a flatten; its inputs are then
+    coupled channel by channel as if they were added.
+    """
+    from torch_pruning.dependency.index_mapping import _ConcatIndexMapping, update_index_mapping
+
+    recorder = _ConcatSizes()
+    with torch.enable_grad(), recorder:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    update_index_mapping(dg)
+    for node in dg.module2node.values():
+        chs = recorder.sizes.get(node.grad_fn) if node.type == tp.ops.OPTYPE.CONCAT else None
+        if chs is None or len(chs) != len(node.inputs):
+            continue
+        offsets = [0]
+        for c in chs:
+            offsets.append(offsets[-1] + c)
+        node.module.concat_sizes, node.module.offsets = chs, offsets
+        used: list = []  # as torch-pruning's update_concat_index_mapping (one input may come twice)
+        for i, in_node in enumerate(node.inputs):
+            for deps, target, reverse in ((node.dependencies, in_node, True), (in_node.dependencies, node, False)):
+                dep = next(d for d in deps if d.target == target and not any(d is u for u in used))
+                dep.index_mapping[1] = _ConcatIndexMapping(offset=offsets[i:i + 2], reverse=reverse)
+                used.append(dep)
+    return dg
+
+
+def _coupled_channels(dg: tp.DependencyGraph, order: list[nn.Module]) -> tuple[dict, set]:
+    """Union-find parents over channel elements (node, "out" | "in", index), and the elements of fixing ops.
+
+    Walks every dependency from each conv/linear's output channels like torch-pruning's `get_pruning_group`, one
+    channel at a time, and couples every (index, root index) pair it meets instead of merging them by index: a
+    channel reached on two paths (a conv written into both halves of a concat) then couples both root channels.
+    """
+    from torch_pruning._helpers import _HybridIndex
+    from torch_pruning.dependency.dependency import Dependency
+    from torch_pruning.pruner import function
+
+    parent: dict = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a, b):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[rb] = ra
+
+    fixing: set = set()
+    seen: set = set()
+    for m in order:
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        node = dg.module2node[m]
+        n = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        if all((node, "out", i) in parent for i in range(n)):
+            continue  # every output channel already met from an earlier root
+        fn = dg.get_pruner_of_module(m).prune_out_channels
+        if _is_depthwise(m):
+            fn = function.prune_depthwise_conv_out_channels
+        root = Dependency(fn, fn, source=node, target=node)
+        stack = [(root, [_HybridIndex(i, i)]) for i in range(n)]  # one channel at a time: linear in the graph
+        while stack:
+            dep, idxs = stack.pop()
+            target, handler = dep.target, dep.handler
+            kind = "out" if dg.is_out_channel_pruning_fn(handler) else "in"
+            fixes = not isinstance(target.module, _PARAM_TYPES) and _fixes_channels(target)
+            for i in idxs:
+                union((node, "out", i.root_idx), (target, kind, i.idx))
+                if fixes:
+                    fixing.add((target, kind, i.idx))
+            if fixes:  # its channels keep their width; what lies beyond is reached from its own roots or stays fixed
+                continue
+            for new_dep in target.dependencies:
+                if not new_dep.is_triggered_by(handler):
+                    continue
+                new = idxs
+                for mapping in new_dep.index_mapping:
+                    if mapping is not None:
+                        new = mapping(new)
+                # indices met again with other roots: couple those roots here and walk on only once
+                key = (id(new_dep), tuple(i.idx for i in new))
+                if new and key in seen:
+                    new_kind = "out" if dg.is_out_channel_pruning_fn(new_dep.handler) else "in"
+                    for i in new:
+                        union((node, "out", i.root_idx), (new_dep.target, new_kind, i.idx))
+                elif new:
+                    seen.add(key)
+                    stack.append((new_dep, new))
+    for m in order:  # a grouped conv is pruned in whole groups: each group's inputs and outputs go together
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            node, per_in, per_out = dg.module2node[m], m.in_channels // m.groups, m.out_channels // m.groups
+            for g in range(m.groups):
+                head = (node, "out", g * per_out)
+                for j in range(g * per_out, (g + 1) * per_out):
+                    union(head, (node, "out", j))
+                for i in range(g * per_in, (g + 1) * per_in):
+                    union(head, (node, "in", i))
+    return {x: find(x) for x in list(parent)}, fixing
+
+
+def _runs(seq: list) -> list[tuple[object, int]]:
+    """Consecutive equal entries of `seq` as (entry, count)."""
+    out: list[tuple[object, int]] = []
+    for c in seq:
+        if out and out[-1][0] == c:
+            out[-1] = (c, out[-1][1] + 1)
+        else:
+            out.append((c, 1))
+    return out
+
+
+def _chains(seqs: list[list]) -> list[list]:
+    """Coupled channels (classes) chained into groups: c2 follows c1 in a group when, in every sequence, c1 is
+    always followed by c2 and c2 always preceded by c1, both repeated equally often (a flatten's multiplier)."""
+    succ: dict = {}
+    pred: dict = {}
+    for seq in seqs:
+        runs = [(None, 0)] + _runs(seq) + [(None, 0)]
+        for (a, ma), (b, mb) in pairwise(runs):
+            if a is not None:
+                succ.setdefault(a, set()).add((b, ma == mb))
+            if b is not None:
+                pred.setdefault(b, set()).add((a, ma == mb))
+    link = {}
+    for a, nexts in succ.items():
+        if len(nexts) == 1:
+            b, same = next(iter(nexts))
+            if b is not None and same and pred[b] == {(a, True)}:
+                link[a] = b
+    linked = set(link.values())
+    chains = []
+    for head in pred:
+        if head in linked:
+            continue
+        chain = [head]
+        while chain[-1] in link:
+            chain.append(link[chain[-1]])
+        chains.append(chain)
+    return chains
+
+
+def _parts(seq: list, where: dict, widths: dict[str, int]) -> tuple[list[str | int], list[int]]:
+    """A channel sequence as concatenated parts: a group (with features per channel) or a fixed channel count."""
+    parts: list[str | int] = []
+    mults: list[int] = []
+    runs, i = _runs(seq), 0
+    while i < len(runs):
+        c, m = runs[i]
+        if c not in where:
+            if parts and isinstance(parts[-1], int):
+                parts[-1] += m
+            else:
+                parts.append(m)
+                mults.append(1)
+            i += 1
+            continue
+        g, pos = where[c]
+        if pos != 0:
+            raise RuntimeError(f"channel sequence enters group {g} at position {pos}")
+        parts.append(g)
+        mults.append(m)
+        i += widths[g]
+    return parts, mults
+
+
+def _channel_groups(dg: tp.DependencyGraph, order: list[nn.Module], names: dict[nn.Module, str],
+                    shapes: dict, fixed: list[nn.Module]) -> tuple[dict[str, int], list[Layer]]:
+    """Groups (name -> width) and layers, from the coupled channels of the traced graph."""
+    cls, fixing = _coupled_channels(dg, order)
+    nodes = {m: dg.module2node[m] for m in order}
+    frozen = {cls[e] for e in fixing}
+    for m in fixed:
+        frozen |= {cls.get((nodes[m], "out", i)) for i in range(shapes[m][1][1])}
+
+    def seq(m: nn.Module, kind: str, n: int) -> list:
+        out = [cls.get((nodes[m], kind, i)) for i in range(n)]
+        return [None if c in frozen else c for c in out]
+
+    def coupled_in(m: nn.Module) -> bool:  # BN and depthwise convs: inputs are their outputs
+        return isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) or _is_depthwise(m)
+
+    outs = {m: seq(m, "out", int(shapes[m][1][1])) for m in order}
+    ins = {m: outs[m] if coupled_in(m) else seq(m, "in", int(shapes[m][0][1])) for m in order}
+    chains = _chains([outs[m] for m in order] + [ins[m] for m in order if not coupled_in(m)])
+    rank = {m: i for i, m in enumerate(order)}
+    named = []
+    for chain in chains:
+        writers = [m for m in order if chain[0] in outs[m]]
+        writer = min(writers, key=lambda m: (isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)),
+                                             len(set(outs[m])) != len(chain), rank[m]))
+        named.append((rank[writer], writer, outs[writer].index(chain[0]), chain))
+    groups: dict[str, int] = {}
+    where: dict = {}
+    for _, writer, start, chain in sorted(named, key=lambda t: (t[0], t[2])):
+        name = names[writer] if names[writer] not in groups and start == 0 else f"{names[writer]}:{start}"
+        groups[name] = len(chain)
+        where.update({c: (name, i) for i, c in enumerate(chain)})
+    layers = []
+    for m in order:
+        in_parts, in_mult = _parts(ins[m], where, groups)
+        out_parts, out_mult = _parts(outs[m], where, groups)
+        layers.append(_make_layer(m, names[m], shapes[m], in_parts, in_mult, out_parts, out_mult))
+    return groups, layers
 
 
 def _hw(shape: tuple) -> tuple[int, int]:
     return (int(shape[2]), int(shape[3])) if len(shape) == 4 else (1, 1)
 
 
-def _make_layer(m: nn.Module, name: str, shapes: tuple, out_group: str | None,
-                slices: list[tuple[int, int, str]], widths: dict[str, int]) -> Layer:
+def _make_layer(m: nn.Module, name: str, shapes: tuple, in_parts: list[str | int], in_mult: list[int],
+                out_parts: list[str | int], out_mult: list[int]) -> Layer:
     in_shape, out_shape = shapes
     if isinstance(m, nn.Conv2d):
-        op, kernel, stride, c_in, c_out = "conv2d", m.kernel_size, m.stride, m.in_channels, m.out_channels
+        op, kernel, stride, c_out = "conv2d", m.kernel_size, m.stride, m.out_channels
     elif isinstance(m, nn.Linear):
-        op, kernel, stride, c_in, c_out = "linear", (1, 1), (1, 1), m.in_features, m.out_features
+        op, kernel, stride, c_out = "linear", (1, 1), (1, 1), m.out_features
     else:
-        op, kernel, stride, c_in, c_out = "batchnorm", (1, 1), (1, 1), m.num_features, m.num_features
-    depthwise = _is_depthwise(m)
-    if op == "batchnorm" or depthwise:
-        in_parts: list[str | int] = [out_group] if out_group else [c_in]
-        multipliers = [1]
-    else:
-        in_parts, multipliers, pos = [], [], 0
-        for first, count, group in sorted(slices):
-            if first > pos:
-                in_parts.append(first - pos)
-                multipliers.append(1)
-            in_parts.append(group)
-            multipliers.append(count // widths[group])
-            pos = first + count
-        if pos < c_in:
-            in_parts.append(c_in - pos)
-            multipliers.append(1)
-    return Layer(name=name, op=op, kernel=tuple(kernel), stride=tuple(stride), depthwise=depthwise,
+        op, kernel, stride, c_out = "batchnorm", (1, 1), (1, 1), m.num_features
+    single = len(out_parts) == 1 and isinstance(out_parts[0], str) and out_mult == [1]
+    return Layer(name=name, op=op, kernel=tuple(kernel), stride=tuple(stride), depthwise=_is_depthwise(m),
                  groups=getattr(m, "groups", 1), bias=getattr(m, "bias", None) is not None,
                  in_hw=_hw(in_shape), out_hw=_hw(out_shape), in_parts=in_parts,
-                 out_group=out_group if op != "batchnorm" or out_group else None,
-                 out_channels=c_out, in_multiplier=multipliers)
+                 out_group=out_parts[0] if single else None, out_channels=c_out, in_multiplier=in_mult,
+                 out_parts=out_parts, out_multiplier=out_mult)
 
 
 def round_width(width: float, multiple: int, maximum: int) -> int:
@@ -366,10 +592,11 @@ def _removed_branch_bias(mods: dict[str, nn.Module], layer: Layer) -> nn.Module 
     return None
 
 
-def _input_index(layer: Layer, structure: Structure, keep: dict[str, list[int]]) -> torch.Tensor:
-    """Indices of the baseline input features of `layer` that survive when each group keeps `keep[g]`."""
+def _index(parts: list[str | int], multipliers: list[int], structure: Structure,
+           keep: dict[str, list[int]]) -> torch.Tensor:
+    """Indices of the baseline features of a concatenation of `parts` that survive when group g keeps `keep[g]`."""
     idx, pos = [], 0
-    for part, mult in zip(layer.in_parts, layer.in_multiplier):
+    for part, mult in zip(parts, multipliers):
         if isinstance(part, str):
             for c in keep[part]:
                 idx.extend(range(pos + c * mult, pos + (c + 1) * mult))
@@ -378,6 +605,11 @@ def _input_index(layer: Layer, structure: Structure, keep: dict[str, list[int]])
             idx.extend(range(pos, pos + part * mult))
             pos += part * mult
     return torch.tensor(idx, dtype=torch.long)
+
+
+def _part_mask(parts: list[str | int], multipliers: list[int], masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([masks[p].repeat_interleave(m) if isinstance(p, str) else torch.ones(p * m)
+                      for p, m in zip(parts, multipliers)])
 
 
 def channel_masks(structure: Structure, keep: dict[str, list[int]]) -> dict[str, torch.Tensor]:
@@ -403,9 +635,11 @@ def apply_masks(model: nn.Module, structure: Structure, masks: dict[str, torch.T
     """Zero the channels whose mask is 0 in place: every writer's output rows (weight and bias) per group."""
     mods = _modules(model)
     for layer in structure.layers:
-        if layer.out_group is None or bool(masks[layer.out_group].all()):
+        if not layer.out_groups:
             continue
-        mk = masks[layer.out_group]
+        mk = _part_mask(layer.out_parts, layer.out_multiplier, masks)
+        if bool(mk.all()):
+            continue
         if layer.name not in mods:  # in a branch removed earlier
             if (cb := _removed_branch_bias(mods, layer)) is not None:
                 cb.bias.mul_(mk.view(1, -1, 1, 1).to(cb.bias.dtype))
@@ -439,11 +673,12 @@ def slim(model: nn.Module, structure: Structure, keep: dict[str, list[int]]) -> 
     gone = {g for b in dropped for g in blocks[b]}
     model = copy.deepcopy(model)
     mods = _modules(model)
+    keep = {g: sorted(v) for g, v in keep.items()}
     for layer in structure.layers:
-        if layer.out_group in gone or (layer.in_parts and all(p in gone for p in layer.in_parts)):
+        outs = layer.out_groups
+        if (outs and all(g in gone for g in outs)) or (layer.in_parts and all(p in gone for p in layer.in_parts)):
             continue  # inside a removed branch
-        out_idx = (torch.tensor(sorted(keep[layer.out_group]), dtype=torch.long)
-                   if layer.out_group is not None else None)
+        out_idx = _index(layer.out_parts, layer.out_multiplier, structure, keep) if outs else None
         if layer.name not in mods:  # in a branch removed earlier: only its constant remains
             if (cb := _removed_branch_bias(mods, layer)) is not None and out_idx is not None:
                 cb.bias = nn.Parameter(cb.bias.data[:, out_idx].clone())
@@ -463,15 +698,15 @@ def slim(model: nn.Module, structure: Structure, keep: dict[str, list[int]]) -> 
             w = w[out_idx]
             if m.bias is not None:
                 m.bias.data = m.bias.data[out_idx].clone()
-        if layer.depthwise:
-            m.in_channels = m.out_channels = m.groups = len(out_idx)
+        n_in = len(_index(layer.in_parts, layer.in_multiplier, structure, keep))
+        if layer.groups > 1:  # depthwise or grouped: whole groups go, each keeps its own input slice
+            m.groups = layer.groups * w.shape[0] // layer.out_channels
         else:
-            in_idx = _input_index(layer, structure, {g: sorted(v) for g, v in keep.items()})
-            w = w[:, in_idx]
-            if layer.op == "conv2d":
-                m.in_channels, m.out_channels = len(in_idx), w.shape[0]
-            else:
-                m.in_features, m.out_features = len(in_idx), w.shape[0]
+            w = w[:, _index(layer.in_parts, layer.in_multiplier, structure, keep)]
+        if layer.op == "conv2d":
+            m.in_channels, m.out_channels = n_in, w.shape[0]
+        else:
+            m.in_features, m.out_features = n_in, w.shape[0]
         m.weight = nn.Parameter(w.clone())
         if m.bias is not None:
             m.bias = nn.Parameter(m.bias.data.clone())
@@ -499,19 +734,14 @@ def channel_sums(structure: Structure, values: LayerValues) -> dict[str, torch.T
         if layer.name not in values:
             continue
         w, b = values[layer.name]
-        if layer.out_group is not None:
-            g = layer.out_group
-            out[g] = out[g] + (w.flatten(1).sum(1) if w.dim() > 1 else w)
-            if b is not None:
-                out[g] = out[g] + b
-        if layer.op == "batchnorm" or layer.depthwise:
+        rows = w.flatten(1).sum(1) if w.dim() > 1 else w
+        if b is not None:
+            rows = rows + b
+        for g, pos, width, mult in part_slices(layer.out_parts, layer.out_multiplier, structure.groups):
+            out[g] = out[g] + rows[pos:pos + width * mult].reshape(width, mult).sum(1)
+        if layer.op == "batchnorm" or layer.groups > 1:  # a grouped conv's columns are its groups' own inputs
             continue
-        pos = 0
-        for part, mult in zip(layer.in_parts, layer.in_multiplier):
-            width = structure.groups[part] if isinstance(part, str) else part
-            if isinstance(part, str):
-                cols = w[:, pos:pos + width * mult]
-                out[part] = out[part] + cols.reshape(cols.shape[0], width, mult, -1).sum((0, 2, 3))
-            pos += width * mult
+        for g, pos, width, mult in part_slices(layer.in_parts, layer.in_multiplier, structure.groups):
+            cols = w[:, pos:pos + width * mult]
+            out[g] = out[g] + cols.reshape(cols.shape[0], width, mult, -1).sum((0, 2, 3))
     return out
-

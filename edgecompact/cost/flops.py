@@ -62,12 +62,13 @@ def module_params(model: nn.Module) -> int:
 
 
 def _conv_groups(layer: Layer, c_out: int) -> int:
-    return c_out if layer.depthwise else layer.groups
+    """A grouped (or depthwise) conv loses whole groups: its groups shrink with its output channels."""
+    return layer.groups * c_out // layer.out_channels if layer.groups > 1 else 1
 
 
 def layer_flops(layer: Layer, c_in: int, c_out: int) -> int:
     """FLOPs of one structure layer with `c_in` input and `c_out` output channels (a depthwise conv has one
-    group per channel)."""
+    group per channel; a grouped conv keeps its channels per group)."""
     if layer.op == "conv2d":
         if not c_in or not c_out:  # removed with its residual block
             return 0

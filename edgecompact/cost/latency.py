@@ -324,7 +324,7 @@ def layer_grid(
             [m for p, m in zip(layer.in_parts, layer.in_multiplier) if isinstance(p, str)], default=1
         )
         ins = set() if layer.depthwise else set(width_grid(c_in, multiple * mult_in, fixed_in))
-        outs = set(width_grid(c_out, multiple) if layer.out_group is not None else [c_out])
+        outs = set(width_grid(c_out, multiple) if layer.out_groups else [c_out])
         got = axes.setdefault(key, (set(), set()))
         got[0].update(ins)
         got[1].update(outs)

@@ -190,7 +190,7 @@ def _writers(structure: Structure) -> dict[str, list[Writer]]:
     """Modules whose outputs carry each group's channels (and where): its BatchNorms, else its convs/linears."""
     out: dict[str, list[Writer]] = {}
     for g in structure.groups:
-        found = [(la, pos, mult) for la in structure.layers
+        found = [(la, pos, mult) for la in structure.layers if g in la.out_groups
                  for h, pos, _, mult in part_slices(la.out_parts, la.out_multiplier, structure.groups) if h == g]
         bns = [(la.name, pos, mult) for la, pos, mult in found if la.op == "batchnorm"]
         out[g] = bns or [(la.name, pos, mult) for la, pos, mult in found]

@@ -57,6 +57,7 @@ from edgecompact.structure import (
     apply_masks,
     channel_masks,
     keep_from_scores,
+    part_slices,
     round_width,
     widths_of,
 )
@@ -94,15 +95,15 @@ def group_gammas(model: nn.Module, structure: Structure) -> tuple[dict[str, torc
     bns: dict[str, list[torch.Tensor]] = {g: [] for g in structure.groups}
     filters: dict[str, list[torch.Tensor]] = {g: [] for g in structure.groups}
     for layer in structure.layers:
-        if layer.out_group is None:
-            continue
         weight = getattr(mods[layer.name], "weight", None)
         if weight is None:
             continue
-        if layer.op == "batchnorm":
-            bns[layer.out_group].append(weight.abs())
-        else:
-            filters[layer.out_group].append(weight.flatten(1).pow(2).mean(1).sqrt())
+        for g, pos, width, mult in part_slices(layer.out_parts, layer.out_multiplier, structure.groups):
+            rows = weight[pos:pos + width * mult]
+            if layer.op == "batchnorm":
+                bns[g].append(rows.abs().reshape(width, mult).amax(1))
+            else:
+                filters[g].append(rows.reshape(width, -1).pow(2).mean(1).sqrt())
     gammas, kinds = {}, {}
     for g in structure.groups:
         members, kinds[g] = (bns[g], "bn") if bns[g] else (filters[g], "filter")
@@ -179,19 +180,20 @@ def flop_weights(structure: Structure, alive: dict[str, int]) -> dict[str, float
     depthwise conv costs C_L * A. Fixed channels (the image, the classifier's outputs) count at full width.
     """
     weights = {g: 0.0 for g in structure.groups}
-    for layer in structure.layers:
+    full = structure.channels(structure.groups)
+    for (layer, a_in, a_out), (_, c_in, _) in zip(structure.channels(alive), full):
         if layer.op == "batchnorm":
             continue
         coeff = 2.0 * layer.out_hw[0] * layer.out_hw[1] * layer.kernel[0] * layer.kernel[1]
-        out = layer.out_group
-        if layer.depthwise:
-            weights[out] += coeff
+        if layer.groups > 1:  # depthwise / grouped: an output channel reads its own group's inputs only
+            for part, mult in zip(layer.out_parts, layer.out_multiplier):
+                if isinstance(part, str):
+                    weights[part] += coeff * (c_in // layer.groups) * mult
             continue
-        a_out = alive[out] if out is not None else layer.out_channels
+        for part, mult in zip(layer.out_parts, layer.out_multiplier):
+            if isinstance(part, str):
+                weights[part] += coeff * mult * a_in
         for part, mult in zip(layer.in_parts, layer.in_multiplier):
-            a_in = alive[part] if isinstance(part, str) else part
-            if out is not None:
-                weights[out] += coeff * mult * a_in
             if isinstance(part, str):
                 weights[part] += coeff * mult * a_out
     return weights
