@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from edgecompact.cpu import host_cpu, int8_scheme
 from edgecompact.deploy import onnx as eonnx
 from edgecompact.deploy import tvm as etvm
 from edgecompact.deploy.artifact import compile_onnx, export_artifact
@@ -174,6 +175,13 @@ def test_int8_and_fp16_accuracy_stay_near_fp32(trained_resnet20, digits16, tmp_p
         assert acc["fp32-ort"] > 50, acc  # the fixture model is trained
         assert acc[f"{precision}-ort"] >= acc["fp32-ort"] - 3.0, acc
         assert acc[f"{precision}-tvm"] >= acc["fp32-ort"] - 3.0, acc
+        # the recorded accuracy is onnxruntime's own evaluation of the file shipped, on this machine
+        assert acc[f"{precision}-ort"] == round(eonnx.onnx_top1(tmp_path / precision / m["onnx"], *eval_data), 2)
+    cpu = host_cpu()
+    assert m["cpu"] == cpu.to_dict() and cpu.describe() in m["machine"]
+    int8 = json.loads((tmp_path / "int8" / "manifest.json").read_text())["int8"]
+    assert int8["reduce_range"] == int8_scheme().reduce_range == (cpu.x86 and not cpu.vnni)
+    assert int8["ort_u8s8_saturates_here"] == int8["reduce_range"]
 
 
 def test_int8_without_calibration_data_is_refused(tmp_path):

@@ -39,6 +39,16 @@ def test_report_table_and_plots_from_run_reports(tmp_path):
     assert all(p.stat().st_size > 1000 for p in written)
 
 
+def test_table_says_whose_top1_a_reduced_precision_row_holds():
+    runtime = {"name": "uniform", "model": "resnet20", "dataset": "digits", "top1": 97.2, "precision": "int8",
+               "top1_runtime": "onnxruntime", "top1_proxy": 97.5, "top1_fp32": 98.0}
+    older = {"name": "random", "model": "resnet20", "dataset": "digits", "top1": 96.9, "precision": "int8",
+             "top1_fp32": 97.1}  # written before reports held the runtime's own top-1
+    md = markdown_table(bench_document("search", "cmd", "test", [runtime, older]))
+    assert "| uniform | resnet20 | digits | 97.2 | int8 (onnxruntime) | 97.5 | 98.0 |" in md
+    assert "| random | resnet20 | digits | 96.9 | int8 (fake-quant proxy) |  | 97.1 |" in md
+
+
 def test_report_of_a_malformed_file_names_it(tmp_path):
     bad = tmp_path / "report.json"
     bad.write_text(json.dumps({"results": 3}))
