@@ -48,7 +48,7 @@ def result_record(name: str, spec, metrics: dict, target: str, latency_source: s
     """One BENCHMARKS.md record from a method's metrics; the latency source is named next to a predicted ms."""
     rec = {"name": name, "model": spec.model, "dataset": spec.data.split(":")[0]}
     for key in ("mflops", "params", "top1", "precision", "top1_runtime", "top1_proxy", "top1_fp32", "int8", "budget",
-                "wall_s", "widths", "measured_speedup"):
+                "wall_s", "widths", "measured_speedup", "final", "final_val_top1"):
         if key in metrics and not (name == "baseline" and key == "budget"):
             rec[key] = metrics[key]
     lat = dict(metrics.get("latency_ms", {}))

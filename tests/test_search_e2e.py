@@ -20,7 +20,8 @@ def _spec(method: str, **kw) -> SearchSpec:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list_methods())
 def test_search_every_method_writes_a_valid_run_dir(tmp_path, method):
-    spec = _spec(method, options={"cycles": 2, "samples": 2} if method == "gensynth" else {})
+    spec = _spec(method, options={"cycles": 2, "samples": 2} if method == "gensynth" else {},
+                 drop_blocks=method == "uniform-depth-scratch")  # the compound control removes residual blocks
     doc = run_search(spec, tmp_path / method, deploy=False, log=lambda *_: None)
     names = [r["name"] for r in doc["results"]]
     assert names == ["baseline", method]
@@ -32,6 +33,9 @@ def test_search_every_method_writes_a_valid_run_dir(tmp_path, method):
         assert (tmp_path / method / f).is_file(), f
     arch = json.loads((tmp_path / method / "arch.json").read_text())
     assert {k: len(v) for k, v in arch["keep"].items()} == arch["widths"] == rec["widths"]
+    # every method's final training is the protocol's default, chosen on validation (controls fix theirs)
+    fixed = {"uniform": "inherit", "random": "inherit", "uniform-scratch": "scratch", "uniform-depth-scratch": "scratch"}
+    assert rec["final"] == fixed.get(method, rec["final"]) and rec["final"] in rec["final_val_top1"]
 
 
 @pytest.mark.slow

@@ -102,10 +102,12 @@ def main() -> None:
     ap.add_argument("--cifar100", help="cifar-100-python directory (full scale)")
     ap.add_argument("--imagenet64", help="Downsampled ImageNet 64x64 npz directory (full scale)")
     ap.add_argument("--only", choices=[name for name, _ in CPU], default=None, help="cpu scale: run one protocol")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="only rewrite benchmarks/paper_table.md from the JSON files already there")
     a = ap.parse_args()
     protocols = CPU if a.scale == "cpu" else full_protocols(a)
     for name, args in protocols:
-        if a.only and name != a.only:
+        if a.tables_only or a.only and name != a.only:
             continue
         print(f"=== {name}: python tools/bench_methods.py {' '.join(args)}", flush=True)
         r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_methods.py"), *args], check=False)
