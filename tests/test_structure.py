@@ -9,18 +9,7 @@ from torch import nn
 from edgecompact.errors import ConfigError
 from edgecompact.models import create_model, list_models, model_defaults
 from edgecompact.structure import ArchSpec, analyze, mask, round_width, slim
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
-    return model.eval()
+from edgecompact.structure_check import randomize_bn
 
 
 def _random_keep(groups: dict[str, int], seed: int, frac: float = 0.5) -> dict[str, list[int]]:
@@ -61,7 +50,7 @@ def test_groups_follow_residual_concat_depthwise_and_flatten():
 
 
 def test_slim_keeps_outputs_of_kept_channels_on_custom_net():
-    model = _randomize_bn(ConcatDepthwiseNet())
+    model = randomize_bn(ConcatDepthwiseNet())
     st = analyze(model, (3, 16, 16))
     keep = _random_keep(st.groups, 1)
     x = torch.randn(4, 3, 16, 16)
@@ -83,7 +72,7 @@ def test_slim_matches_masked_original_on_every_zoo_model(name):
 
     torch.manual_seed(0)
     model, shape = _zoo_setting(name)
-    model = _randomize_bn(model)
+    model = randomize_bn(model)
     st = analyze(model, shape, name)
     keep = _random_keep(st.groups, 2, frac=0.6)
     x = torch.randn(2, *shape)
