@@ -64,7 +64,7 @@ def bench_document(benchmark: str, command: str, protocol: str, results: list[di
 
 
 _COLUMNS = [("name", "method"), ("model", "model"), ("dataset", "dataset"), ("mflops", "MFLOPs"),
-            ("params", "params"), ("top1", "top-1 %"), ("precision", "precision (top-1 by)"),
+            ("params", "params"), ("top1", "top-1 %"), ("final", "final training"), ("precision", "precision (top-1 by)"),
             ("top1_proxy", "proxy top-1 %"), ("top1_fp32", "fp32 top-1 %"), ("budget_error", "budget error %"),
             ("predicted_ms", "predicted ms"), ("measured_ms", "measured ms"), ("speedup", "speedup"),
             ("wall_s", "wall s")]
@@ -72,7 +72,7 @@ _COLUMNS = [("name", "method"), ("model", "model"), ("dataset", "dataset"), ("mf
 
 def _flat(rec: dict, baseline: dict | None) -> dict:
     row = {k: rec.get(k) for k in ("name", "model", "dataset", "mflops", "params", "top1", "top1_proxy",
-                                   "top1_fp32", "wall_s")}
+                                   "top1_fp32", "final", "wall_s")}
     if rec.get("precision"):  # below fp32, say whose top-1 it is: the runtime's own, or the proxy's (older rows)
         row["precision"] = f"{rec['precision']} ({rec.get('top1_runtime', 'fake-quant proxy')})"
     if "budget" in rec:
