@@ -56,6 +56,8 @@ def main() -> None:
                "wall_s": round(time.time() - start, 1)}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
                             text=True).stdout.strip()
+    for row in rows:
+        row["commit"] = commit
     import torch_pruning
 
     import edgecompact
