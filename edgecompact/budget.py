@@ -164,6 +164,112 @@ def fit_to_budget(structure: Structure, scores: dict[str, torch.Tensor], cost: C
     return {g: sorted(order[g][:w]) for g, w in widths.items()}
 
 
+def fit_scores(structure: Structure, scores: dict[str, torch.Tensor], cost: CostFn, target: float, tolerance: float,
+               multiple: int = 1, *, metric: str = "flops") -> dict[str, list[int]]:
+    """The allocation every method shares: under a latency budget the knapsack over measured costs (`fit_knapsack`,
+    layers differ in ms per channel), else the global score threshold (`fit_to_budget`)."""
+    fit = fit_knapsack if metric == "latency" else fit_to_budget
+    return fit(structure, scores, cost, target, tolerance, multiple)
+
+
+def fit_knapsack(structure: Structure, scores: dict[str, torch.Tensor], cost: CostFn, target: float,
+                 tolerance: float, multiple: int = 1, *, rounds: int = 6, bins: int = 512) -> dict[str, list[int]]:
+    """Latency-aware allocation (HALP, Shen et al. 2022): keep the channels of the largest summed score whose cost
+    fits `target`, as a multiple-choice knapsack over each group's widths in units of `multiple`.
+
+    A group's choices are its widths from its smallest to full (0 too where its residual block may go, so thinning a
+    block and removing it are weighed by their cost). The cost of a network is not a sum over groups (a conv costs by
+    its input and its output width), so each round prices every choice of a group with the other groups at the
+    current widths (cost(widths with that group changed) - cost(widths)), solves the knapsack by dynamic
+    programming over `bins` cost steps, and repeats from the answer until it stops changing (`rounds` at most).
+    The best answer within the budget is then refined unit by unit to land inside the tolerance, as `fit_to_budget`
+    does. Scores must be comparable across groups; a channel scored -inf is never kept beyond a group's smallest
+    width. Returns kept channel indices per group.
+    """
+    ranked = {g: sorted(scores[g].detach().float().tolist(), reverse=True) for g in structure.groups}
+    order = {g: torch.argsort(scores[g].detach().float(), descending=True, stable=True).tolist()
+             for g in structure.groups}
+    floor = min_widths(structure, multiple)
+    choices, values = {}, {}
+    for g in structure.groups:
+        ws, w = [floor[g]], floor[g]
+        while (w := _up(structure, g, w, multiple)) is not None and ranked[g][w - 1] != -math.inf:
+            ws.append(w)
+        choices[g] = ws
+        prefix = [0.0]
+        for v in ranked[g]:
+            prefix.append(prefix[-1] + (v if v != -math.inf else 0.0))
+        values[g] = [prefix[w] for w in ws]
+    widths = {g: floor[g] for g in structure.groups}
+    best, seen = None, []
+    for _ in range(rounds):
+        widths = _knapsack_round(structure, choices, values, widths, cost, target, bins)
+        if widths in seen:
+            break
+        seen.append(widths)
+        value = sum(values[g][choices[g].index(w)] for g, w in widths.items() if w in choices[g])
+        if cost(widths) <= target * (1 + tolerance) and (best is None or value > best[0]):
+            best = (value, widths)
+    widths = _top_up(structure, best[1] if best else widths, ranked, cost, target, multiple)
+    widths = _refine(structure, widths, ranked, cost, target, tolerance, multiple)
+    return {g: sorted(order[g][:w]) for g, w in widths.items()}
+
+
+def _top_up(structure: Structure, widths: dict[str, int], ranked: dict[str, list[float]], cost: CostFn,
+            target: float, multiple: int) -> dict[str, int]:
+    """Spend what the knapsack's cost steps left: add the unit of most score per added cost while the cost stays
+    within `target` (the dynamic programme rounds each choice's cost up to a whole step)."""
+    c = cost(widths)
+    while True:
+        best = None
+        for g, w in widths.items():
+            nxt = _up(structure, g, w, multiple)
+            if nxt is None or w == 0 or ranked[g][nxt - 1] == -math.inf:
+                continue
+            ct = cost(dict(widths, **{g: nxt}))
+            if ct <= target:
+                gain = sum(ranked[g][w:nxt])
+                ratio = math.inf if ct <= c else gain / (ct - c)
+                if best is None or ratio > best[0]:
+                    best = (ratio, g, nxt, ct)
+        if best is None:
+            return widths
+        _, g, nxt, c = best
+        widths = dict(widths, **{g: nxt})
+
+
+def _knapsack_round(structure: Structure, choices: dict[str, list[int]], values: dict[str, list[float]],
+                    widths: dict[str, int], cost: CostFn, target: float, bins: int) -> dict[str, int]:
+    """One knapsack solve with every choice priced at `widths` (the other groups held there)."""
+    here = cost(widths)
+    deltas = {g: [cost(structure.apply_drops(dict(widths, **{g: w}))) - here for w in choices[g]]
+              for g in choices}
+    lowest = {g: min(d) for g, d in deltas.items()}
+    room = target - here - sum(lowest.values())  # what the groups may spend above their cheapest choices
+    if room <= 0:
+        return {g: choices[g][deltas[g].index(lowest[g])] for g in choices}
+    step = room / bins
+    neg = -math.inf
+    dp = [0.0] + [neg] * bins  # dp[b]: best value spending exactly b steps
+    picks: list[tuple[str, list[int]]] = []
+    for g in choices:
+        costs = [min(bins + 1, math.ceil((d - lowest[g]) / step - 1e-9)) for d in deltas[g]]
+        new, pick = [neg] * (bins + 1), [-1] * (bins + 1)
+        for i, (c, v) in enumerate(zip(costs, values[g])):
+            for b in range(c, bins + 1):
+                if dp[b - c] != neg and dp[b - c] + v > new[b]:
+                    new[b], pick[b] = dp[b - c] + v, i
+        dp = new
+        picks.append((g, pick))
+    b = max(range(bins + 1), key=lambda k: dp[k])
+    out = {}
+    for g, pick in reversed(picks):
+        i = pick[b]
+        out[g] = choices[g][i]
+        b -= min(bins + 1, math.ceil((deltas[g][i] - lowest[g]) / step - 1e-9))
+    return structure.apply_drops(out)
+
+
 def _refine(structure: Structure, widths: dict[str, int], ranked: dict[str, list[float]], cost: CostFn,
             target: float, tolerance: float, multiple: int) -> dict[str, int]:
     """Add the best-scoring units while under the budget, then land inside the tolerance if a step allows it."""

@@ -6,6 +6,7 @@ User mistakes (UserError) are caught here, once, and printed as one line with a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -92,7 +93,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
     for name in list_targets():
         t = get_target(name)
-        print(f"{t.name:<10} {t.description}  [multiple {t.channel_multiple}, {t.precision}, "
+        why = f" from {t.multiple_from}" if t.multiple_from.startswith("this CPU") else ""
+        print(f"{t.name:<10} {t.description}  [multiple {t.channel_multiple}{why}, {t.precision}, "
               f"{'runs here' if t.runnable_here else 'board: RPC key ' + str(t.rpc_key)}]")
     return 0
 
@@ -226,6 +228,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from edgecompact.targets import get_target
 
     target = get_target(args.target)
+    if args.channel_multiple is not None:
+        if args.channel_multiple < 1:
+            raise ConfigError(f"--channel-multiple {args.channel_multiple}: expected an integer >= 1")
+        target = dataclasses.replace(target, channel_multiple=args.channel_multiple,
+                                     multiple_from="--channel-multiple")
     model, size, _ = _resolve_model(args, args.model)
     structure = analyze(model, (args.in_channels, size, size), args.model)
     out = Path(args.out) if args.out else default_table_path(target, args.model)
@@ -295,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["flops", "params", "latency"], default=None)
     p.add_argument("--tolerance", type=float, default=0.02)
     p.add_argument("--target", default="host")
-    p.add_argument("--profile", default=None, help="latency table JSON (default: profiles/<target>-*.json)")
+    p.add_argument("--profile", default=None, help="latency table JSON (default: this CPU's table in the user cache "
+                   "for the host, built on first use by latency searches; profiles/<target>-*.json for boards)")
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--epochs", type=int, default=10, help="baseline training epochs")
@@ -312,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--channel-multiple", type=int, default=None, help="default: the target's")
+    p.add_argument("--channel-multiple", type=int, default=None,
+                   help="every searched width a multiple of this (default: the target's; host: this CPU's fp32 lanes)")
     p.add_argument("--drop-blocks", action="store_true", help="depth pruning: let the search remove residual "
                    "blocks whose inner channels all go (a removed block costs no conv at all)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None, help="default: the target's")
@@ -332,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--rpc", default=None, help="tracker HOST:PORT: measure on the boards registered under --key")
     p.add_argument("--key", default=None, help="RPC key (default: the target's rpc_key)")
-    p.add_argument("--out", default=None, help="default: profiles/<target>-<precision>-<model>.json")
+    p.add_argument("--out", default=None, help="default: <target>-<precision>-<model>-m<multiple>.json in this CPU's "
+                   "cache folder (~/.cache/edgecompact/profiles/<cpu>/) for the host, else profiles/ (boards)")
+    p.add_argument("--channel-multiple", type=int, default=None,
+                   help="widths profiled in steps of this (default: the target's; host: this CPU's fp32 lanes)")
     p.add_argument("--runtime", choices=["tvm", "onnxruntime"], default=None,
                    help="default: the target's runtime (host: onnxruntime)")
     p.add_argument("--tune-trials", type=int, default=0)

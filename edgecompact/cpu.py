@@ -9,15 +9,13 @@ torch's dispatch level. This module only reads; nothing here changes how anythin
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import mmap
 import os
 import platform
+import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from edgecompact.targets import Target
 
 # The extensions that decide a kernel choice here, in Linux's /proc/cpuinfo spelling.
 X86_FLAGS = ("sse4_2", "avx", "fma", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
@@ -55,13 +53,21 @@ class Cpu:
     def fp32_lanes(self) -> int:
         return self.vector_bits // 32
 
+    @property
+    def key(self) -> str:
+        """A file-name-safe name of this CPU for per-machine data (latency tables): brand string and a digest of the
+        ISA flags, so two CPUs under one generic brand ("Intel(R) Xeon(R) Processor") but different ISAs differ."""
+        name = re.sub(r"[^a-z0-9]+", "-", (self.model or self.vendor or "unknown").lower()).strip("-")[:48]
+        digest = hashlib.sha1("+".join((self.arch, *self.flags)).encode()).hexdigest()[:8]
+        return f"{self.arch}-{name}-{digest}"
+
     def describe(self) -> str:
         """One line for `machine` fields: 'Intel(R) Xeon(R) ... (avx2+fma+avx512f+avx512_vnni, 16 fp32 lanes)'."""
         isa = "+".join(self.flags) or "no vector extensions found"
         return f"{self.model or self.vendor or self.arch} ({isa}, {self.fp32_lanes} fp32 lanes)"
 
     def to_dict(self) -> dict:
-        return {"arch": self.arch, "vendor": self.vendor, "model": self.model, "flags": list(self.flags),
+        return {"key": self.key, "arch": self.arch, "vendor": self.vendor, "model": self.model, "flags": list(self.flags),
                 "vnni": self.vnni, "vector_bits": self.vector_bits, "fp32_lanes": self.fp32_lanes,
                 "cores": self.cores, "source": self.source}
 
@@ -180,11 +186,3 @@ def int8_scheme(cpu: Cpu | None = None) -> Int8Scheme:
                                 "saturate; 7-bit weights cannot")
     return Int8Scheme(False, f"{name}: " + ("VNNI/SDOT accumulates in int32" if cpu.vnni else
                                             "no int16 pair sums in onnxruntime's int8 kernels here"))
-
-
-def int8_scheme_for(target: Target) -> Int8Scheme:
-    """The int8 settings of a deployment to `target`: this CPU's where the target is this machine; full-range
-    weights elsewhere (the boards here are Arm, whose int8 kernels widen to int32 without pair saturation)."""
-    if target.runnable_here:
-        return int8_scheme()
-    return Int8Scheme(False, f"{target.name}: not this machine; Arm int8 kernels do not saturate")

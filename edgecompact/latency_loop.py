@@ -12,19 +12,19 @@ import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from edgecompact.budget import fit_to_budget, within
+from edgecompact.budget import fit_scores, within
 from edgecompact.storage import read_json, write_text_atomic
 from edgecompact.structure import Structure, slim, widths_of
 
 if TYPE_CHECKING:
+    from edgecompact.budget import Budget
     from edgecompact.data import DataSplits
-    from edgecompact.methods.base import SearchContext
     from edgecompact.targets import Target
 
 MEASURE_ROUNDS = 3  # timed rounds at most: the method's own widths, then re-fits (`--measure-rounds`)
@@ -75,14 +75,32 @@ def ort_measure(baseline: nn.Module, structure: Structure, precision: str = "fp3
     return measure
 
 
-def close_loop(ctx: SearchContext, keep: dict[str, list[int]],
+class LoopContext(Protocol):
+    """What the loop reads of a search (methods.base.SearchContext has it; named here so that the loop does not
+    import the method machinery that calls it)."""
+
+    budget: Budget
+    structure: Structure
+    cost: Callable[[dict[str, int]], float]
+    target_cost: float
+    baseline_cost: float
+    channel_multiple: int
+    measure_latency: Measure | None
+    measure_rounds: int
+    measure_note: str
+    log: Callable[[str], None]
+
+    def state_path(self, name: str) -> Path | None: ...
+
+
+def close_loop(ctx: LoopContext, keep: dict[str, list[int]],
                scores: dict[str, torch.Tensor] | None) -> tuple[dict[str, list[int]], dict]:
     """(the channels to keep, the measured side of the budget for metrics["budget"]).
 
     Round 1 times the method's own widths. While the measured ms miss the tolerance of the measured target (a
     relative budget: target / baseline cost x the baseline's ms of the same pair; an absolute one: its ms) and
     rounds remain, the table target is corrected (`next_table_target`) and the widths are re-fitted from the
-    method's scores by `fit_to_budget`. The first round inside the tolerance is kept, else the closest one.
+    method's scores by `fit_scores` (the knapsack). The first round inside the tolerance is kept, else the closest one.
     A budget on another metric: (keep, {}). Without a measurement: (keep, {"measured": False, ...why}).
     """
     if ctx.budget.metric != "latency":
@@ -104,7 +122,8 @@ def close_loop(ctx: SearchContext, keep: dict[str, list[int]],
                 stop = "the method gives no channel scores to re-fit from"
                 break
             table_target, rule = next_table_target(rounds)
-            keep = fit_to_budget(ctx.structure, scores, ctx.cost, table_target, tol, ctx.channel_multiple)
+            keep = fit_scores(ctx.structure, scores, ctx.cost, table_target, tol, ctx.channel_multiple,
+                              metric="latency")
             if keep in keeps:
                 stop = "the re-fit gives widths already timed"
                 break

@@ -322,6 +322,8 @@ def _new_table(
         "statistic": STATISTIC,
         "date": datetime.date.today().isoformat(),
     }
+    if rpc is None:  # this CPU's numbers: refused on any other (LatencyTable.check_cpu)
+        common.update(cpu=host_cpu().describe(), cpu_key=host_cpu().key)
     if runtime == "onnxruntime":
         return LatencyTable.new(
             target,

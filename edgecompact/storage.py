@@ -47,6 +47,14 @@ def full_disk(e: BaseException) -> str | None:
     return None
 
 
+def cache_root() -> Path:
+    """This user's edgecompact cache (per-machine latency tables, tuning databases, decoded folders):
+    $EDGECOMPACT_CACHE, else $XDG_CACHE_HOME/edgecompact, else ~/.cache/edgecompact."""
+    if os.environ.get("EDGECOMPACT_CACHE"):
+        return Path(os.environ["EDGECOMPACT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgecompact"
+
+
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write `path` through `write(file)` into a temporary file beside it, synced and renamed into place.
 

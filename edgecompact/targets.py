@@ -43,6 +43,8 @@ class Target:
     channel_multiple: int = 1
     precision: str = "fp32"
     runtime: str = "tvm"
+    # where channel_multiple comes from: the TOML file, or this CPU's fp32 vector width (`channel_multiple = "cpu"`)
+    multiple_from: str = field(default="", compare=False)
     source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -50,6 +52,7 @@ class Target:
             "name": self.name, "description": self.description, "tvm_target": self.tvm_target,
             "host_target": self.host_target, "cross_compiler": self.cross_compiler, "rpc_key": self.rpc_key,
             "runnable_here": self.runnable_here, "channel_multiple": self.channel_multiple,
+            "channel_multiple_from": self.multiple_from,
             "precision": self.precision, "runtime": self.runtime, "peak_gflops": self.peak_gflops,
             "peak_gbps": self.peak_gbps,
         }
@@ -90,9 +93,14 @@ def load_target_file(path: Path) -> Target:
         _check_type(path, "host_target", raw["host_target"], (str, dict))
     if "runnable_here" in raw:
         _check_type(path, "runnable_here", raw["runnable_here"], bool)
-    multiple = cons.get("channel_multiple", 1)
+    multiple, multiple_from = cons.get("channel_multiple", 1), str(path)
+    if multiple == "cpu":
+        if not raw.get("runnable_here", False):
+            raise ConfigError(f"{path}: key 'constraints.channel_multiple' is \"cpu\" (this machine's vector width) "
+                              "but the target does not run here (runnable_here = false): give an integer")
+        multiple, multiple_from = cpu_channel_multiple()
     if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
-        raise ConfigError(f"{path}: key 'constraints.channel_multiple' must be an integer >= 1")
+        raise ConfigError(f"{path}: key 'constraints.channel_multiple' must be an integer >= 1 or \"cpu\"")
     precision = cons.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise ConfigError(f"{path}: key 'constraints.precision' must be one of {', '.join(PRECISIONS)}")
@@ -106,8 +114,18 @@ def load_target_file(path: Path) -> Target:
         peak_gflops=float(raw["peak_gflops"]), peak_gbps=float(raw["peak_gbps"]),
         host_target=raw.get("host_target"), cross_compiler=raw.get("cross_compiler"),
         rpc_key=raw.get("rpc_key"), runnable_here=raw.get("runnable_here", False),
-        channel_multiple=multiple, precision=precision, runtime=runtime, source=str(path),
+        channel_multiple=multiple, precision=precision, runtime=runtime, multiple_from=multiple_from,
+        source=str(path),
     )
+
+
+def cpu_channel_multiple() -> tuple[int, str]:
+    """The running CPU's fp32 vector lanes (8 on AVX2, 16 on AVX-512, 4 on NEON/SSE), and a line saying so: widths in
+    whole vectors are what its convolution kernels run without a remainder loop."""
+    from edgecompact.cpu import host_cpu
+
+    cpu = host_cpu()
+    return cpu.fp32_lanes, f"this CPU: {cpu.fp32_lanes} fp32 lanes ({cpu.vector_bits}-bit vectors)"
 
 
 def _check_type(path: Path, key: str, value: Any, types: type | tuple[type, ...]) -> None:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+# Tests never read or write the user's cache (this CPU's latency tables, tuning databases, decoded folders): one
+# private cache per test session, also for the CLI subprocesses the tests start.
+os.environ["EDGECOMPACT_CACHE"] = tempfile.mkdtemp(prefix="edgecompact-test-cache-")
 
 
 @pytest.fixture(scope="session")

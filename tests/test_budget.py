@@ -74,3 +74,58 @@ def test_budget_above_baseline_or_unreachable_is_refused(digits16):
         build_context(model, digits16, "1e12", baseline_top1=10.0)
     with pytest.raises(BudgetError, match="unreachable"):
         build_context(model, digits16, "0.001x", channel_multiple=8, baseline_top1=10.0)
+
+
+def _kept_value(scores, keep) -> float:
+    return sum(float(scores[g][idx].sum()) for g, idx in keep.items())
+
+
+@pytest.mark.parametrize("frac", [0.25, 0.5])
+def test_knapsack_finds_the_brute_force_optimum_of_an_additive_cost(frac):
+    """Two groups with different channel prices: every (w1, w2) is enumerated; the knapsack keeps at least the best
+    summed score that fits, where a global score threshold (blind to price) keeps less."""
+    from itertools import product
+
+    from edgecompact.budget import fit_knapsack
+    from edgecompact.structure import Structure
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(32, 4))
+    st: Structure = analyze(model, (1, 12, 12))
+    a, b = sorted(st.groups, key=st.groups.get)  # 16 and 32 channels
+    price = {a: 5.0, b: 1.0}  # a's channels cost five times b's
+
+    def cost(w):
+        return sum(price[g] * w[g] for g in st.groups)
+
+    g = torch.Generator().manual_seed(0)
+    scores = {a: 1 + torch.rand(16, generator=g), b: torch.rand(32, generator=g)}  # a scores higher, costs more
+    target = frac * cost(st.baseline_widths())
+    best = max(sum(sorted(scores[a].tolist(), reverse=True)[:i]) + sum(sorted(scores[b].tolist(), reverse=True)[:j])
+               for i, j in product(range(1, 17), range(1, 33)) if cost({a: i, b: j}) <= target)
+    keep = fit_knapsack(st, scores, cost, target, 0.02)
+    widths = {k: len(v) for k, v in keep.items()}
+    assert cost(widths) <= target * 1.02
+    assert _kept_value(scores, keep) >= best - 1e-6
+    threshold = fit_to_budget(st, scores, cost, target, 0.02)
+    assert _kept_value(scores, threshold) < _kept_value(scores, keep)
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_knapsack_lands_within_tolerance_on_a_nonadditive_cost(r20, multiple):
+    """FLOPs of ResNet-20 (a conv costs by its input and output widths: not a sum over groups)."""
+    from edgecompact.budget import fit_knapsack
+
+    st, cost = r20
+    target = 0.5 * cost(st.baseline_widths())
+    g = torch.Generator().manual_seed(1)
+    scores = {k: torch.rand(v, generator=g) for k, v in st.groups.items()}
+    keep = fit_knapsack(st, scores, cost, target, 0.02, multiple)
+    widths = {k: len(v) for k, v in keep.items()}
+    assert within(cost(widths), target, 0.02)
+    assert all(w % multiple == 0 or st.groups[k] <= multiple for k, w in widths.items())
+    for k, v in keep.items():
+        rest = sorted(set(range(st.groups[k])) - set(v))
+        if rest and v:
+            assert scores[k][v].min() >= scores[k][rest].max()

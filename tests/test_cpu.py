@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgecompact.cpu import Cpu, _proc_cpuinfo, host_cpu, int8_scheme, int8_scheme_for
+from edgecompact.cpu import Cpu, _proc_cpuinfo, host_cpu, int8_scheme
+from edgecompact.deploy.artifact import int8_scheme_for
 from edgecompact.targets import get_target
 
 

@@ -57,7 +57,7 @@ def write_folder(root: Path, splits: dict[str, int], grey: float = 0.0, size: tu
 
 @pytest.fixture(autouse=True)
 def _cache_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDGECOMPACT_CACHE", str(tmp_path / "cache"))
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -32,13 +32,12 @@ from edgecompact.report import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-PROFILES = ROOT / "profiles"
 # model@CxHxW=table: each setting's archs are predicted by its table (Fashion-MNIST runs resnet20 at 1x28x28)
+# model@CxHxW[=table]: each setting's archs are predicted by its table (Fashion-MNIST runs resnet20 at 1x28x28);
+# without a table, this CPU's own for the model (profiled into the user cache first if there is none)
 SETTINGS = {
-    "onnxruntime": "resnet20@3x32x32=profiles/host-fp32-resnet32.json,"
-    "resnet32@3x32x32=profiles/host-fp32-resnet32.json,resnet20@1x28x28=profiles/host-fp32-resnet20.json",
-    "tvm": "resnet20@3x32x32=profiles/host-fp32-resnet32-tvm.json,"
-    "resnet32@3x32x32=profiles/host-fp32-resnet32-tvm.json",
+    "onnxruntime": "resnet20@3x32x32,resnet32@3x32x32,resnet20@1x28x28",
+    "tvm": "resnet20@3x32x32,resnet32@3x32x32",
 }
 
 
@@ -64,11 +63,12 @@ def main() -> None:
     import onnxruntime
     import tvm
 
-    from edgecompact.cost.latency import LatencyTable
+    from edgecompact.cost.latency import LatencyTable, default_table_path
     from edgecompact.deploy.bench import time_ort
     from edgecompact.deploy.onnx import INPUT_NAME, export_onnx
     from edgecompact.deploy.tvm import set_num_threads
     from edgecompact.models import create_model
+    from edgecompact.profiling import profile
     from edgecompact.structure import analyze, keep_from_scores, slim
     from edgecompact.targets import get_target
 
@@ -83,11 +83,16 @@ def main() -> None:
         label, _, path = item.partition("=")
         name, _, shape = label.partition("@")
         c, h, w = (int(v) for v in shape.split("x"))
+        base = create_model(name, in_channels=c, input_size=h)
+        structure = analyze(base, (c, h, w), name)
+        if not path:  # this CPU's table for the model, measured now where it lacks this shape
+            path = default_table_path(target, name)  # what a search uses (the host ships onnxruntime)
+            path = str(path if args.runtime == target.runtime else path.with_suffix(f".{args.runtime}.json"))
+            profile(structure, target, Path(path), runtime=args.runtime, threads=args.threads)
         table = tables.setdefault(path, LatencyTable.load(ROOT / path, target))
         if table.runtime != args.runtime:
             sys.exit(f"{path}: measured with {table.runtime}, not {args.runtime}")
-        base = create_model(name, in_channels=c, input_size=h)
-        settings.append((label, base, analyze(base, (c, h, w), name), table))
+        settings.append((label, base, structure, table))
     rng = random.Random(args.seed)
     grid_widths = {c for t in tables.values() for e in t.entries.values() for c in e.c_out}
     archs = []

@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgecompact.cpu import host_cpu
 from edgecompact.errors import ConfigError
-from edgecompact.storage import write_text_atomic
+from edgecompact.storage import cache_root, write_text_atomic
 from edgecompact.structure import Layer, Structure
 from edgecompact.targets import RUNTIMES, Target
 
 FORMAT = "edgecompact-latency-table/1"
+# Boards' tables (measured over RPC) live in the repository; a target that runs here (the host) is a different machine
+# in every session, so its tables live in this user's cache, one folder per CPU (`host_profiles_dir`).
 PROFILES_DIR = Path(__file__).resolve().parent.parent.parent / "profiles"
 # The search space of every group: these fractions of its baseline width (rounded to the channel multiple).
 GRID_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
@@ -153,7 +156,8 @@ class LatencyTable:
         return f"{self.target} (measured, {self.runtime})"
 
     def check_target(self, target: Target) -> None:
-        """Raise ConfigError unless this table was made for `target` (tables are never mixed)."""
+        """Raise ConfigError unless this table was made for `target` (tables are never mixed), and, for a target
+        that runs here, measured on this CPU."""
         where = self.path or "latency table"
         if self.target != target.name:
             raise ConfigError(f"{where}: table is for target '{self.target}', not '{target.name}'")
@@ -161,6 +165,23 @@ class LatencyTable:
             raise ConfigError(
                 f"{where}: table precision is '{self.provenance['precision']}', "
                 f"target '{target.name}' uses '{target.precision}'"
+            )
+        if target.runnable_here:
+            self.check_cpu()
+
+    def check_cpu(self) -> None:
+        """Raise ConfigError if this table was measured locally on another CPU than this one (or on a CPU it does
+        not record): its milliseconds are that machine's."""
+        key, where = self.provenance.get("cpu_key"), self.path or "latency table"
+        local = str(self.provenance.get("where", "")).startswith("local")
+        if key is None and not local:
+            return  # measured over RPC on a board, or built by hand: not this CPU's to check
+        here = host_cpu()
+        if key != here.key:
+            measured_on = self.provenance.get("cpu") or "a CPU it does not record"
+            raise ConfigError(
+                f"{where}: measured on {measured_on}, not on this CPU ({here.describe()}); profile this one "
+                f"(`edgecompact profile --target {self.target} --model {self.provenance.get('space', 'MODEL')}`)"
             )
 
     # -- lookup ------------------------------------------------------------------------------------------
@@ -297,11 +318,16 @@ def _interp1(xs: list[int], ys: list[float], x: float) -> float:
 
 
 def width_grid(full: int, multiple: int = 1, fixed: int = 0) -> list[int]:
-    """Grid widths of a channel count whose searchable part is `full - fixed` (fixed: image channels)."""
+    """Grid widths of a channel count whose searchable part is `full - fixed` (fixed: image channels).
+
+    With a channel multiple every width the search can choose is on the grid (no interpolation across a kernel's
+    step); without one, GRID_FRACTIONS of the width."""
     free = full - fixed
     if free <= 0:
         return [full]
     step = multiple if free > multiple else 1
+    if step > 1:
+        return sorted({fixed + min(free, w) for w in range(step, free + step, step)})
     return sorted(
         {fixed + max(step, min(free, step * math.ceil(f * free / step - 1e-9))) for f in GRID_FRACTIONS}
     )
@@ -331,6 +357,14 @@ def layer_grid(
     return {k: (sorted(i), sorted(o)) for k, (i, o) in axes.items()}
 
 
-def default_table_path(target: Target, space: str, directory: Path = PROFILES_DIR) -> Path:
-    """profiles/<target>-<precision>-<space>.json"""
-    return Path(directory) / f"{target.name}-{target.precision}-{space}.json"
+def host_profiles_dir() -> Path:
+    """This CPU's folder of latency tables in the user's cache: <cache>/profiles/<cpu key>."""
+    return cache_root() / "profiles" / host_cpu().key
+
+
+def default_table_path(target: Target, space: str, directory: Path | None = None) -> Path:
+    """<directory>/<target>-<precision>-<space>-m<channel multiple>.json; `directory` defaults to this CPU's cache
+    folder for a target that runs here, else the repository's profiles/ (boards, measured over RPC)."""
+    if directory is None:
+        directory = host_profiles_dir() if target.runnable_here else PROFILES_DIR
+    return Path(directory) / f"{target.name}-{target.precision}-{space}-m{target.channel_multiple}.json"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from edgecompact.data.raw import RawDataset, in_memory
 from edgecompact.data.split import stratified_take
 from edgecompact.errors import DataError, StorageError
-from edgecompact.storage import write_atomic
+from edgecompact.storage import cache_root, write_atomic
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
@@ -32,8 +31,8 @@ _LAYOUT = "layout: DIR/train/<class>/*.png|jpg, plus DIR/val/<class>/ and/or DIR
 
 
 def cache_dir() -> Path:
-    """Where decoded folders are cached: $XDG_CACHE_HOME/edgecompact/folders (default ~/.cache/...)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgecompact" / "folders"
+    """Where decoded folders are cached: `storage.cache_root()`/folders."""
+    return cache_root() / "folders"
 
 
 def load(directory: Path, input_size: int | None = None) -> RawDataset:

@@ -23,7 +23,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
 from edgecompact import __version__, run
-from edgecompact.cpu import host_cpu, int8_scheme_for
+from edgecompact.cpu import Int8Scheme, host_cpu, int8_scheme
 from edgecompact.deploy import onnx as eonnx
 from edgecompact.deploy import tvm as etvm
 from edgecompact.deploy.bench import median_ms
@@ -32,6 +32,14 @@ from edgecompact.report import machine
 from edgecompact.targets import PRECISIONS, Target
 
 LIBRARY, ONNX_FILE, MANIFEST = "model.so", "model.onnx", "manifest.json"  # + model.fp32.onnx beside int8/fp16
+
+
+def int8_scheme_for(target: Target) -> Int8Scheme:
+    """The int8 settings of a deployment to `target`: this CPU's where the target is this machine; full-range
+    weights elsewhere (the boards here are Arm, whose int8 kernels widen to int32 without pair saturation)."""
+    if target.runnable_here:
+        return int8_scheme()
+    return Int8Scheme(False, f"{target.name}: not this machine; Arm int8 kernels do not saturate")
 
 
 def compile_onnx(path: Path, target: Target, *, tune_trials: int = 0, db_dir: Path | None = None

@@ -21,10 +21,10 @@ import tvm
 from tvm import relax
 
 from edgecompact.errors import DeployError, StorageError
+from edgecompact.storage import cache_root
 from edgecompact.targets import Target
 
 GPU_KINDS = ("opencl", "cuda", "vulkan", "metal", "rocm")
-DEFAULT_DB_ROOT = Path(os.environ.get("EDGECOMPACT_CACHE", Path.home() / ".cache" / "edgecompact")) / "tuning"
 
 
 def _resolve(spec: str | dict[str, Any]) -> str | dict[str, Any]:
@@ -57,7 +57,7 @@ def default_db_dir(target: Target) -> Path:
     """The per-target tuning database, keyed by target name and resolved CPU, shared across models."""
     tgt = tvm_target(target)
     cpu = str((tgt.host or tgt).attrs.get("mcpu", "generic"))
-    return DEFAULT_DB_ROOT / f"{target.name}-{cpu}"
+    return cache_root() / "tuning" / f"{target.name}-{cpu}"
 
 
 def _prepare(mod: tvm.IRModule, tgt: tvm.target.Target) -> tvm.IRModule:

@@ -99,14 +99,24 @@ class SearchResult:
 
 Method = Callable[[SearchContext], Proposal]
 _METHODS: dict[str, Method] = {}
+_USES_LATENCY: set[str] = set()
 
 
-def register_method(name: str) -> Callable[[Method], Method]:
+def register_method(name: str, *, uses_latency: bool = False) -> Callable[[Method], Method]:
+    """Register `fn` as method `name`; `uses_latency`: it weighs channels by the target's measured milliseconds
+    (a search with it profiles the target on first use, as a latency budget does)."""
     def deco(fn: Method) -> Method:
         _METHODS[name] = fn
+        if uses_latency:
+            _USES_LATENCY.add(name)
         return fn
 
     return deco
+
+
+def uses_latency(name: str) -> bool:
+    _load_all()
+    return name in _USES_LATENCY
 
 
 def list_methods() -> list[str]:

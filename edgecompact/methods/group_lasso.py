@@ -5,7 +5,7 @@ and BNs that write it, input columns of the layers that read it). Penalty `lambd
 a_g = c_g * sqrt(n_g) * s_g: c_g the group's marginal cost in the budget's metric (FLOPs, params or ms; mean 1 over
 channels; option cost_weighted), n_g the slice size (Yuan & Lin) and s_g the group's mean channel RMS in the baseline
 (so layers with different weight scales shrink at the same relative rate). The classifier's outputs are never
-penalized. Must not slim or fit budgets itself: it returns scores to `fit_to_budget` and the sparse-trained source.
+penalized. Must not slim or fit budgets itself: it returns scores to `fit_scores` and the sparse-trained source.
 
 Schedule (options, defaults chosen on Fashion-MNIST/digits): SGD at the fine-tune lr for `search_epochs`, zeroing
 |w| < 1e-4 after each step (Wen's README). lambda, unless given, is set from the schedule: with strength 1 the
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgecompact.budget import fit_to_budget
+from edgecompact.budget import fit_scores
 from edgecompact.errors import ConfigError
 from edgecompact.methods.base import (
     Proposal,
@@ -136,7 +136,8 @@ def group_lasso(ctx: SearchContext) -> Proposal:
     # baseline: a channel's norm over its group's mean norm before sparse training (shows whole groups shrinking);
     # mean: over its group's mean norm now (relative within the group only)
     scores = {g: n / (before[g] if score_by == "baseline" else n.mean()) for g, n in norms.items()}
-    keep = fit_to_budget(structure, scores, ctx.cost, ctx.target_cost, ctx.budget.tolerance, ctx.channel_multiple)
+    keep = fit_scores(structure, scores, ctx.cost, ctx.target_cost, ctx.budget.tolerance, ctx.channel_multiple,
+                      metric=ctx.budget.metric)
     zeros = sum(int((n / math.sqrt(sizes[g]) < 1e-3).sum()) for g, n in norms.items())
     history = [{"lambda": lam, "lr": lr, "cost_weighted": weighted, "score": score_by, "epochs": ctx.search_epochs,
                 "cost_weights": {g: round(v, 4) for g, v in cost_w.items()},

@@ -405,6 +405,6 @@ def morphnet(ctx: SearchContext) -> Proposal:
     return morphnet_search(ctx, "flops")
 
 
-@register_method("morphnet-latency")
+@register_method("morphnet-latency", uses_latency=True)
 def morphnet_latency(ctx: SearchContext) -> Proposal:
     return morphnet_search(ctx, "latency")

@@ -4,7 +4,7 @@ Every conv and linear layer of a copy of the baseline becomes a VD layer: q(w) =
 from the pretrained weight, a learned per-weight log sigma^2, log alpha = log sigma^2 - log theta^2 clipped to
 [-8, 8], the local reparameterization trick in training and theta masked where log alpha > 3 in eval. Loss:
 CE_mean + beta * KL / N, with Molchanov's approximation of the KL to the log-uniform prior. Must not slim or fit
-budgets itself: it returns channel scores to `fit_to_budget` and the VD-trained weights as the source.
+budgets itself: it returns channel scores to `fit_scores` and the VD-trained weights as the source.
 
 Initialization and warm-up (they matter, the paper says): log sigma^2 = log_alpha + log(mean theta^2 of the
 layer), log_alpha = -4 (what the paper's -10 for a pretrained net gives a layer of weight RMS 0.05, but the same
@@ -15,7 +15,7 @@ it is stored divided by that factor, which for Adam is exactly a per-parameter l
 it log alpha cannot travel its range in a few epochs).
 
 Channels: a channel's dropped share is the fraction of its weights (writer rows and reader columns of every
-coupled conv/linear) with log alpha > 3; score = 1 - share, ties broken by mean log alpha, and `fit_to_budget`
+coupled conv/linear) with log alpha > 3; score = 1 - share, ties broken by mean log alpha, and `fit_scores`
 bisects the threshold that lands on the budget. By default (score=mean) each group's scores are divided by their
 mean: VD drops far larger shares in the late, wide layers, and a global share threshold (score=share) cut whole
 stages to one channel on Fashion-MNIST. The source is theta, masked, loaded into a plain copy of the baseline.
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgecompact.budget import fit_to_budget
+from edgecompact.budget import fit_scores
 from edgecompact.errors import ConfigError
 from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, parse_options, register_method
 from edgecompact.structure import Structure, channel_sums
@@ -214,8 +214,8 @@ def variational_dropout(ctx: SearchContext) -> Proposal:
     if score_by not in ("share", "mean"):
         raise ConfigError(f"--set score={score_by}: choose share or mean")
     scores, group_share = channel_scores(vd_model, ctx.structure, score_by == "mean")
-    keep = fit_to_budget(ctx.structure, scores, ctx.cost, ctx.target_cost, ctx.budget.tolerance,
-                         ctx.channel_multiple)
+    keep = fit_scores(ctx.structure, scores, ctx.cost, ctx.target_cost, ctx.budget.tolerance,
+                      ctx.channel_multiple, metric=ctx.budget.metric)
     source = to_plain(vd_model, copy_baseline(ctx))
     history = [{"lr": lr, "warmup": warmup, "log_alpha_init": log_alpha, "sigma_lr_mult": sigma_scale,
                 "threshold": threshold, "score": score_by, "epochs": ctx.search_epochs, "train": hist["epochs"],

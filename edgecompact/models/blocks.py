@@ -14,6 +14,17 @@ import torch
 from torch import Tensor, nn
 
 
+def resnet_head(model: nn.Module, channels: int, num_classes: int) -> None:
+    """Pool, flatten and classify (`avgpool`, `flatten`, `fc`), then He-initialise every conv (fan-out, ReLU): the
+    end of the zoo's ResNets."""
+    model.avgpool = nn.AdaptiveAvgPool2d(1)
+    model.flatten = nn.Flatten()
+    model.fc = nn.Linear(channels, num_classes)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
 class ChannelBias(nn.Module):
     """Adds a learnable per-channel constant: what a removed residual branch leaves behind."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from edgecompact.models.blocks import DroppableResidual
+from edgecompact.models.blocks import DroppableResidual, resnet_head
 from edgecompact.models.registry import register_model
 
 
@@ -59,12 +59,7 @@ class ResNet(nn.Module):
                 c_in = width * Bottleneck.expansion
             stages.append(nn.Sequential(*layer))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(c_in, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        resnet_head(self, c_in, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

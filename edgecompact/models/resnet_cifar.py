@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from edgecompact.errors import ConfigError
-from edgecompact.models.blocks import DroppableResidual
+from edgecompact.models.blocks import DroppableResidual, resnet_head
 from edgecompact.models.registry import register_model
 
 SHORTCUTS = ("conv1x1", "conv3x3")
@@ -62,12 +62,7 @@ class CifarResNet(nn.Module):
                 c_in = w
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(c_in, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        resnet_head(self, c_in, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
