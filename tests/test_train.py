@@ -88,7 +88,10 @@ def test_distillation_runs_and_lowers_loss():
 @pytest.mark.slow
 def test_ddp_with_two_cpu_processes_equals_one_process(tmp_path):
     out = tmp_path / "ddp.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the workers run a script from tests/: they import this checkout's package (installed or not)
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(Path(__file__).parent / "ddp_worker.py"), str(out)],
                        check=False, capture_output=True, text=True, timeout=300, env=env)

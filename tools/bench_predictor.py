@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=50, help="single runs per model for measured_median_ms")
     ap.add_argument("--threads", type=int, default=1, help="runtime threads (as used for the tables)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--drop-blocks", action="store_true",
+                    help="the depth search's space: each removable residual block is removed with probability 1/4")
     ap.add_argument("--out", help="benchmarks/ file stem (default predictor, or predictor_<runtime>)")
     ap.add_argument("--reuse", action="store_true", help="reuse measurements in the output JSON")
     ap.add_argument(
@@ -84,7 +86,7 @@ def main() -> None:
         name, _, shape = label.partition("@")
         c, h, w = (int(v) for v in shape.split("x"))
         base = create_model(name, in_channels=c, input_size=h)
-        structure = analyze(base, (c, h, w), name)
+        structure = analyze(base, (c, h, w), name, drop_blocks=args.drop_blocks)
         if not path:  # this CPU's table for the model, measured now where it lacks this shape
             path = default_table_path(target, name)  # what a search uses (the host ships onnxruntime)
             path = str(path if args.runtime == target.runtime else path.with_suffix(f".{args.runtime}.json"))
@@ -99,9 +101,13 @@ def main() -> None:
     while len(archs) < args.n:
         label, _, s, _ = settings[len(archs) % len(settings)]
         m = int(settings[len(archs) % len(settings)][3].provenance.get("channel_multiple", 1))
-        widths = {g: m * rng.randint(max(1, -(-full // (8 * m))), full // m) for g, full in s.groups.items()}
-        if all(w in grid_widths for w in widths.values()):
-            continue  # not a grid architecture
+        widths = {g: m * rng.randint(max(1, -(-full // (8 * m))), full // m) if full > m else full
+                  for g, full in s.groups.items()}
+        for groups in s.blocks().values():  # the search's space: a removable residual block goes with p 1/4
+            if rng.random() < 0.25:
+                widths.update(dict.fromkeys(groups, 0))
+        if m == 1 and all(w in grid_widths for w in widths.values()):
+            continue  # not a grid architecture (at a multiple every width the search can choose is on the grid)
         archs.append((len(archs) % len(settings), {"model": s.model_name, "widths": widths}))
 
     old = {}
@@ -134,7 +140,7 @@ def main() -> None:
                 {
                     "setting": label,
                     "arch": arch,
-                    "layers": sum(1 for layer in s.layers if layer.op != "batchnorm"),
+                    "layers": sum(1 for layer, ci, co in s.channels(widths) if layer.op != "batchnorm" and ci and co),
                     "predicted_raw_ms": round(raw, 4),
                     "measured_ms": round(measured[0], 4),
                     "measured_median_ms": round(measured[1], 4),
