@@ -260,11 +260,11 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     profile = Path(spec.profile) if spec.profile else None
     structure = analyze(model, (data.in_channels, data.input_size, data.input_size), spec.model,
                         drop_blocks=spec.drop_blocks)
-    log(f"channel multiple {multiple} ({target.multiple_from})")
     # the one cost model of this search; measured on this CPU on first use where milliseconds decide
     latency = latency_model(structure, target, profile, build=_profile_table if needs_ms else None, log=log)
     _costs(structure, budget, latency, multiple)  # an impossible budget fails before any training
     prepare_run_dir(run_dir, spec, force)
+    log(f"channel multiple {multiple} ({target.multiple_from})")
     cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed)
     t0 = time.perf_counter()
     given = baseline_given(spec)

@@ -55,7 +55,8 @@ def main() -> None:
         bench_path, _, method = args.arch_from.rpartition(":")
         try:
             doc = json.loads(Path(bench_path).read_text())
-            widths = next(r["widths"] for r in doc["results"] if r["name"] == method)
+            row = next(r for r in doc["results"] if r["name"] == method)
+            widths = row.get("widths") or row["per_seed"][0]["widths"]  # seeded benchmarks: seed 0's network
         except (OSError, json.JSONDecodeError, KeyError, StopIteration) as e:
             raise SystemExit(f"--arch-from {args.arch_from}: no widths for '{method}' ({type(e).__name__})") from None
         if doc["results"][0].get("model") != args.model:

@@ -46,8 +46,22 @@ CPU = [("flops", CPU_COMMON + ["--out", str(BENCH / "methods.json")]),
        # width-and-depth control (uniform-depth-scratch) is the one to beat
        ("depth", ["--dataset", "fashion-mnist", "--model", "resnet32", "--input-size", "32", "--limit", "8000",
                   "--epochs", "6", "--search-epochs", "2", "--finetune-epochs", "3", "--target", "host",
-                  "--channel-multiple", "16", "--drop-blocks", *SEEDS,
+                  "--channel-multiple", "16", "--drop-blocks", *SEEDS, "--methods", "uniform-depth-scratch",
+                  "gensynth", "morphnet", "group-lasso", "variational-dropout", "uniform-scratch",
                   "--out", str(BENCH / "methods_resnet32_depth.json")])]
+
+
+# Every other table the README quotes, by the command that writes it (`--all`), in README order.
+README_TABLES = [
+    ["tools/bench_predictor.py", "--runtime", "onnxruntime", "--n", "90", "--write-correction"],
+    ["tools/bench_predictor.py", "--runtime", "onnxruntime", "--n", "90", "--drop-blocks", "--out", "predictor_depth"],
+    ["tools/bench_precision.py", "--emulate", "EPYC-Rome"],
+    ["tools/bench_baselines.py", "--train"],
+    ["tools/bench_deploy.py", "--model", "resnet32", "--input-size", "32", "--arch-from",
+     "benchmarks/methods_resnet32_depth.json:gensynth", "--tune-trials", "32", "--runs", "200"],
+    ["tools/bench_operators.py", "--tune-trials", "32"],
+    ["tools/bench_structure.py"],
+]
 
 
 def full_protocols(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -102,6 +116,8 @@ def main() -> None:
     ap.add_argument("--cifar100", help="cifar-100-python directory (full scale)")
     ap.add_argument("--imagenet64", help="Downsampled ImageNet 64x64 npz directory (full scale)")
     ap.add_argument("--only", choices=[name for name, _ in CPU], default=None, help="cpu scale: run one protocol")
+    ap.add_argument("--all", action="store_true", help="cpu scale: then every other table the README quotes "
+                    "(predictor, precision, baselines, deploy, operators, structure), each by its own command")
     ap.add_argument("--tables-only", action="store_true",
                     help="only rewrite benchmarks/paper_table.md from the JSON files already there")
     a = ap.parse_args()
@@ -113,6 +129,12 @@ def main() -> None:
         r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_methods.py"), *args], check=False)
         if r.returncode:
             sys.exit(f"error: protocol {name} failed (exit {r.returncode}); re-run to resume")
+    if a.all and a.scale == "cpu" and not a.tables_only:
+        for cmd in README_TABLES:
+            print(f"=== python {' '.join(cmd)}", flush=True)
+            r = subprocess.run([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], cwd=ROOT, check=False)
+            if r.returncode:
+                sys.exit(f"error: {cmd[0]} failed (exit {r.returncode}); re-run to resume")
     lines = ["# paper_table", "",
              ("Our numbers beside Shafiee et al. 2020 (every method at 1/3 of the baseline FLOPs). The paper's rows are "
              "ResNet-32 on CIFAR-10 (Table 1) and ResNet-50 on CIFAR-100 (Table 2); no CIFAR or ImageNet exists on "
