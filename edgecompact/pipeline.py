@@ -203,18 +203,18 @@ def train_baseline(model: nn.Module, data: DataSplits, cfg: TrainConfig, run_dir
     return evaluate(model, data.report_split)
 
 
-def search_multiple(target, given: int | None, needs_ms: bool):
+def search_multiple(target, given: int | None, latency_budget: bool):
     """The target with the channel multiple a search uses: `given` (--channel-multiple), else the target's.
 
-    A multiple read from this CPU (host: its fp32 lanes) applies where milliseconds decide (a latency budget or a
-    latency-weighted method): widths then step with the kernels' vector blocks, as the table was profiled. FLOP and
-    parameter budgets count operations, and a CIFAR ResNet's 16-wide first stage cannot shrink in steps of 16, so
-    1/3 of the FLOPs would be out of reach on AVX-512: there it stays 1 unless given."""
+    A multiple read from this CPU (host: its fp32 lanes) applies to a latency budget, where milliseconds decide:
+    widths then step with the kernels' vector blocks, as the table was profiled. FLOP and parameter budgets count
+    operations, and a CIFAR ResNet's 16-wide first stage cannot shrink in steps of 16, so 1/3 of the FLOPs would be
+    out of reach on AVX-512: there it stays 1 unless given."""
     if given is not None:
         if given < 1:
             raise ConfigError(f"--channel-multiple {given}: expected an integer >= 1")
         return replace(target, channel_multiple=given, multiple_from="--channel-multiple")
-    if target.multiple_from.startswith("this CPU") and not needs_ms:
+    if target.multiple_from.startswith("this CPU") and not latency_budget:
         return replace(target, channel_multiple=1,
                        multiple_from=f"a FLOP/parameter budget; latency searches use {target.channel_multiple} from "
                                      f"{target.multiple_from}")
@@ -253,14 +253,14 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     for note in data.notes:
         log(note)
     model = load_baseline(spec, data)
-    needs_ms = budget.metric == "latency" or uses_latency(spec.method)  # milliseconds decide this search
-    target = search_multiple(target, spec.channel_multiple, needs_ms)
+    target = search_multiple(target, spec.channel_multiple, budget.metric == "latency")
     multiple = target.channel_multiple
     precision = spec.precision or target.precision
     profile = Path(spec.profile) if spec.profile else None
     structure = analyze(model, (data.in_channels, data.input_size, data.input_size), spec.model,
                         drop_blocks=spec.drop_blocks)
     # the one cost model of this search; measured on this CPU on first use where milliseconds decide
+    needs_ms = budget.metric == "latency" or uses_latency(spec.method)
     latency = latency_model(structure, target, profile, build=_profile_table if needs_ms else None, log=log)
     _costs(structure, budget, latency, multiple)  # an impossible budget fails before any training
     prepare_run_dir(run_dir, spec, force)

@@ -15,8 +15,8 @@ from edgecompact.deploy.onnx import export_onnx
 from edgecompact.errors import ConfigError
 from edgecompact.models import create_model
 from edgecompact.structure import analyze, check_widths, keep_from_scores, mask, slim, widths_of
-from edgecompact.targets import get_target
 from edgecompact.structure_check import randomize_bn as _randomize_bn
+from edgecompact.targets import get_target
 
 CASES = [("resnet20", (3, 16, 16)), ("resnet50_imagenet64", (3, 32, 32))]
 

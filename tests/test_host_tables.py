@@ -11,7 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from edgecompact.cost.latency import PROFILES_DIR, LatencyTable, default_table_path, host_profiles_dir, width_grid
+from edgecompact.cost.latency import (
+    PROFILES_DIR,
+    LatencyTable,
+    default_table_path,
+    host_profiles_dir,
+    width_grid,
+)
 from edgecompact.cost.model import latency_model
 from edgecompact.cpu import Cpu, host_cpu
 from edgecompact.errors import ConfigError
@@ -58,13 +64,13 @@ def test_cpu_multiple_on_a_board_is_refused_in_one_line(tmp_path):
 
 def test_search_multiple_follows_the_metric_unless_given():
     host = get_target("host")
-    assert search_multiple(host, None, needs_ms=True).channel_multiple == host_cpu().fp32_lanes
-    flops = search_multiple(host, None, needs_ms=False)
+    assert search_multiple(host, None, latency_budget=True).channel_multiple == host_cpu().fp32_lanes
+    flops = search_multiple(host, None, latency_budget=False)
     assert flops.channel_multiple == 1 and "latency searches use" in flops.multiple_from
-    assert search_multiple(host, 8, needs_ms=False).channel_multiple == 8
-    assert search_multiple(get_target("rpi4"), None, needs_ms=False).channel_multiple == 4
+    assert search_multiple(host, 8, latency_budget=False).channel_multiple == 8
+    assert search_multiple(get_target("rpi4"), None, latency_budget=False).channel_multiple == 4
     with pytest.raises(ConfigError, match="--channel-multiple 0"):
-        search_multiple(host, 0, needs_ms=True)
+        search_multiple(host, 0, latency_budget=True)
 
 
 def test_grid_at_a_multiple_holds_every_width_the_search_can_choose():
