@@ -52,7 +52,7 @@ class Target:
             "name": self.name, "description": self.description, "tvm_target": self.tvm_target,
             "host_target": self.host_target, "cross_compiler": self.cross_compiler, "rpc_key": self.rpc_key,
             "runnable_here": self.runnable_here, "channel_multiple": self.channel_multiple,
-            "channel_multiple_from": self.multiple_from,
+            "multiple_from": self.multiple_from,
             "precision": self.precision, "runtime": self.runtime, "peak_gflops": self.peak_gflops,
             "peak_gbps": self.peak_gbps,
         }

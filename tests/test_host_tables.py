@@ -17,7 +17,7 @@ from edgecompact.cpu import Cpu, host_cpu
 from edgecompact.errors import ConfigError
 from edgecompact.pipeline import search_multiple
 from edgecompact.structure import analyze
-from edgecompact.targets import get_target, load_target_file
+from edgecompact.targets import Target, get_target, load_target_file
 
 # torch's own dispatch level, read independently of edgecompact.cpu's CPUID reader
 TORCH_LANES = {"AVX512": 16, "AVX2": 8}
@@ -45,6 +45,7 @@ def test_host_channel_multiple_is_this_cpus_fp32_lanes():
         pytest.skip(f"torch dispatches at {level}: no independent vector width to compare with")
     assert host.channel_multiple == TORCH_LANES[level]
     assert get_target("rpi4").channel_multiple == 4  # NEON: 4 fp32 lanes, fixed in its file
+    assert Target(**host.to_dict()) == host  # manifests store the target as its dict
 
 
 def test_cpu_multiple_on_a_board_is_refused_in_one_line(tmp_path):
