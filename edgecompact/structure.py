@@ -314,7 +314,13 @@ def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGr
 
     recorder = _ConcatSizes()
     with torch.enable_grad(), recorder:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        try:
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        except (ZeroDivisionError, IndexError, KeyError) as e:  # its shape inference, not the user's model
+            raise ConfigError(
+                f"torch-pruning could not trace this model's channel dependencies ({type(e).__name__}: {e}); "
+                "known case: three or more channel-split (ShuffleNetV2) units in a row"
+            ) from None
     update_index_mapping(dg)
     for node in dg.module2node.values():
         chs = recorder.sizes.get(node.grad_fn) if node.type == tp.ops.OPTYPE.CONCAT else None

@@ -22,7 +22,8 @@ def test_zoo_lists_every_family():
     names = list_models()
     assert names == sorted(names)
     for name in ["resnet20", "resnet32", "resnet56", "resnet110", "resnet50_cifar", "resnet50_imagenet64",
-                 "inception_v3_imagenet64", "mobilenet_v2_cifar"]:
+                 "inception_v3_imagenet64", "mobilenet_v2_cifar", "shufflenet_v2_cifar", "ghostnet_cifar",
+                 "mobilenet_v2_se_cifar", "densenet_cifar"]:
         assert name in names
 
 

@@ -295,3 +295,25 @@ def test_bad_morphnet_options_name_themselves(make_context) -> None:
         morphnet_search(make_context(options={"min_fraction": "1.5"}), "flops")
     with pytest.raises(ConfigError, match="strength"):
         morphnet_search(make_context(options={"strength": "0"}), "flops")
+
+
+def test_filter_gammas_of_a_masked_channel_have_a_finite_gradient() -> None:
+    """A group without BatchNorm (a squeeze-excite's 1x1 conv) is scored by its filters' RMS; a shrink masks
+    channels to zero, and the penalty's gradient there must stay finite (GhostNet's SE diverged to NaN)."""
+    from edgecompact.models.grammar import SqueezeExcite
+    from edgecompact.structure import analyze
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                SqueezeExcite(8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 3))
+    structure = analyze(model, (1, 8, 8))
+    with torch.no_grad():
+        model[3].fc1.weight[0].zero_()
+    gammas, kinds = group_gammas(model, structure)
+    assert "filter" in kinds.values()
+    g = next(g for g, k in kinds.items() if k == "filter")
+    assert float(gammas[g][0]) == 0.0
+    sum(v.sum() for v in gammas.values()).backward()
+    assert torch.isfinite(model[3].fc1.weight.grad).all()
+    rms = model[3].fc1.weight.detach().reshape(model[3].fc1.weight.shape[0], -1).pow(2).mean(1).sqrt()
+    assert torch.allclose(gammas[g].detach(), rms)  # the same value as the plain RMS

@@ -103,7 +103,9 @@ def group_gammas(model: nn.Module, structure: Structure) -> tuple[dict[str, torc
             if layer.op == "batchnorm":
                 bns[g].append(rows.abs().reshape(width, mult).amax(1))
             else:
-                filters[g].append(rows.reshape(width, -1).pow(2).mean(1).sqrt())
+                # RMS of each filter; vector_norm's gradient at a zeroed (masked) filter is 0, sqrt's would be NaN
+                flat = rows.reshape(width, -1)
+                filters[g].append(torch.linalg.vector_norm(flat, dim=1) / flat.shape[1] ** 0.5)
     gammas, kinds = {}, {}
     for g in structure.groups:
         members, kinds[g] = (bns[g], "bn") if bns[g] else (filters[g], "filter")

@@ -5,7 +5,15 @@ One file per family registers its factories with `@register_model`; a user's own
 trained state dict (torch or safetensors) into it.
 """
 
-from edgecompact.models import inception, mobilenet, resnet, resnet_cifar  # noqa: F401  (registers the zoo)
+from edgecompact.models import (  # noqa: F401  (registers the zoo)
+    densenet,
+    ghostnet,
+    inception,
+    mobilenet,
+    resnet,
+    resnet_cifar,
+    shufflenet,
+)
 from edgecompact.models.registry import (
     ModelDefaults,
     create_model,

@@ -2,8 +2,8 @@
 squeeze-excite, ghost modules, flatten heads) and random small CNNs drawn from a grammar of them.
 
 They exercise the channel structure (edgecompact.structure) in tests and tools/bench_structure.py, and are the
-parts small ShuffleNetV2-, GhostNet-, MobileNetV2-SE- and DenseNet-style zoo models can be built from. Not
-registered in the zoo. Plain modules: nothing here trains, prunes or counts.
+parts the zoo's small ShuffleNetV2 (shufflenet.py), GhostNet (ghostnet.py), MobileNetV2-SE (mobilenet.py) and
+DenseNet (densenet.py) are built from. Plain modules: nothing here trains, prunes or counts.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from edgecompact.models.grammar import InvertedResidualSE, conv_bn
 from edgecompact.models.registry import register_model
 
 # (expansion t, output channels c, repeats n, first stride s) per stage, from the paper's Table 2.
@@ -66,3 +67,33 @@ def mobilenet_v2_cifar(num_classes: int = 10, in_channels: int = 3, input_size: 
     """MobileNetV2 for 32x32 input (stride 1 in the first conv and the second stage)."""
     return MobileNetV2(num_classes, in_channels, small_input=True)
 
+
+
+class MobileNetV2SE(nn.Module):
+    """A small MobileNetV2 with squeeze-excite in every inverted residual (as MobileNetV3 adds it), from
+    `grammar.InvertedResidualSE`: 1x1 expand, depthwise 3x3, SE gate, 1x1 project."""
+
+    # (output channels, stride) per block, expansion 3
+    BLOCKS = ((16, 1), (24, 2), (24, 1), (32, 2), (32, 1), (64, 2), (64, 1))
+
+    def __init__(self, num_classes: int, in_channels: int, last_channels: int = 256) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = [conv_bn(in_channels, 16, 3)]
+        c_in = 16
+        for c_out, stride in self.BLOCKS:
+            blocks.append(InvertedResidualSE(c_in, c_out, stride))
+            c_in = c_out
+        blocks.append(conv_bn(c_in, last_channels))
+        self.features = nn.Sequential(*blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(last_channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.flatten(self.avgpool(self.features(x))))
+
+
+@register_model(num_classes=10, input_size=32, dataset="cifar10")
+def mobilenet_v2_se_cifar(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
+    """Seven SE inverted residuals (16 to 64 channels), stride 1 stem."""
+    return MobileNetV2SE(num_classes, in_channels)
