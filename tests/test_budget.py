@@ -51,13 +51,17 @@ def test_fit_to_budget_lands_within_tolerance(r20, frac, multiple):
     target = frac * cost(st.baseline_widths())
     g = torch.Generator().manual_seed(0)
     scores = {k: torch.rand(v, generator=g) for k, v in st.groups.items()}
-    keep = fit_to_budget(st, scores, cost, target, 0.02, multiple)
+    _assert_fit(st, scores, cost, target, multiple, fit_to_budget(st, scores, cost, target, 0.02, multiple))
+
+
+def _assert_fit(st, scores, cost, target, multiple, keep) -> None:
+    """Within 2% of the target, widths in steps of the multiple, and the highest-scoring channels kept."""
     widths = {k: len(v) for k, v in keep.items()}
     assert within(cost(widths), target, 0.02)
     assert all(w % multiple == 0 or st.groups[k] <= multiple for k, w in widths.items())
-    for k, v in keep.items():  # the highest-scoring channels are the ones kept
+    for k, v in keep.items():
         rest = sorted(set(range(st.groups[k])) - set(v))
-        if rest:
+        if rest and v:
             assert scores[k][v].min() >= scores[k][rest].max()
 
 
@@ -121,11 +125,4 @@ def test_knapsack_lands_within_tolerance_on_a_nonadditive_cost(r20, multiple):
     target = 0.5 * cost(st.baseline_widths())
     g = torch.Generator().manual_seed(1)
     scores = {k: torch.rand(v, generator=g) for k, v in st.groups.items()}
-    keep = fit_knapsack(st, scores, cost, target, 0.02, multiple)
-    widths = {k: len(v) for k, v in keep.items()}
-    assert within(cost(widths), target, 0.02)
-    assert all(w % multiple == 0 or st.groups[k] <= multiple for k, w in widths.items())
-    for k, v in keep.items():
-        rest = sorted(set(range(st.groups[k])) - set(v))
-        if rest and v:
-            assert scores[k][v].min() >= scores[k][rest].max()
+    _assert_fit(st, scores, cost, target, multiple, fit_knapsack(st, scores, cost, target, 0.02, multiple))

@@ -239,6 +239,23 @@ class FlattenHead(nn.Module):
         return self.fc2(x)
 
 
+class StagedNet(nn.Module):
+    """stem -> blocks -> 1x1 conv to `last_channels` -> global pool -> linear: the frame of the zoo's small nets."""
+
+    def __init__(self, stem: nn.Module, blocks: list[nn.Module], c_in: int, num_classes: int,
+                 last_channels: int = 256) -> None:
+        super().__init__()
+        self.stem = stem
+        self.blocks = nn.Sequential(*blocks)
+        self.last = conv_bn(c_in, last_channels)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(last_channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.flatten(self.avgpool(self.last(self.blocks(self.stem(x))))))
+
+
 BLOCKS = ("concat_dw", "add_after_concat", "shuffle", "grouped", "dense", "inception", "se", "ghost", "residual")
 
 

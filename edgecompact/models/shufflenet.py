@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from edgecompact.models.grammar import ShuffleUnit, conv_bn
+from edgecompact.models.grammar import ShuffleUnit, StagedNet, conv_bn
 from edgecompact.models.registry import register_model
 
 # (output channels, units) per stage; ShuffleNetV2 0.5x's widths, two units each: torch-pruning 1.6's shape
@@ -13,27 +13,13 @@ from edgecompact.models.registry import register_model
 _STAGES = ((48, 2), (96, 2), (192, 2))
 
 
-class ShuffleNetV2(nn.Module):
-    def __init__(self, num_classes: int, in_channels: int, last_channels: int = 256) -> None:
-        super().__init__()
-        units: list[nn.Module] = []
-        c_in = 24
-        for i, (c_out, n) in enumerate(_STAGES):
-            for u in range(n):
-                units.append(ShuffleUnit(c_in, c_out, 2 if u == 0 and i > 0 else 1))
-                c_in = c_out
-        self.stem = conv_bn(in_channels, 24, 3)
-        self.stages = nn.Sequential(*units)
-        self.last = conv_bn(c_in, last_channels)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(last_channels, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.flatten(self.avgpool(self.last(self.stages(self.stem(x))))))
-
-
 @register_model(num_classes=10, input_size=32, dataset="cifar10")
 def shufflenet_v2_cifar(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
-    """ShuffleNetV2 0.5x widths (48/96/192), two units per stage, stride 1 stem."""
-    return ShuffleNetV2(num_classes, in_channels)
+    """ShuffleNetV2 0.5x widths (48/96/192), two units per stage, stride 1 stem, 1x1 conv to 256, pool, linear."""
+    units: list[nn.Module] = []
+    c_in = 24
+    for i, (c_out, n) in enumerate(_STAGES):
+        for u in range(n):
+            units.append(ShuffleUnit(c_in, c_out, 2 if u == 0 and i > 0 else 1))
+            c_in = c_out
+    return StagedNet(conv_bn(in_channels, 24, 3), units, c_in, num_classes)
