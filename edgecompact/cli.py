@@ -6,7 +6,6 @@ User mistakes (UserError) are caught here, once, and printed as one line with a 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -223,16 +222,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from edgecompact import profiling
     from edgecompact.cost.latency import default_table_path
     from edgecompact.deploy import tvm as etvm
+    from edgecompact.pipeline import search_multiple
     from edgecompact.rpc import parse_address
     from edgecompact.structure import analyze
     from edgecompact.targets import get_target
 
-    target = get_target(args.target)
-    if args.channel_multiple is not None:
-        if args.channel_multiple < 1:
-            raise ConfigError(f"--channel-multiple {args.channel_multiple}: expected an integer >= 1")
-        target = dataclasses.replace(target, channel_multiple=args.channel_multiple,
-                                     multiple_from="--channel-multiple")
+    # a table is profiled at the multiple a latency search will step by
+    target = search_multiple(get_target(args.target), args.channel_multiple, latency_budget=True)
     model, size, _ = _resolve_model(args, args.model)
     structure = analyze(model, (args.in_channels, size, size), args.model)
     out = Path(args.out) if args.out else default_table_path(target, args.model)

@@ -50,7 +50,7 @@ def latency_model(structure: Structure, target: Target, profile: Path | None = N
         if table.is_estimate and build is not None and target.runnable_here:
             path = default_table_path(target, structure.model_name)
             log(f"no {target.name} latency table for this CPU, {structure.model_name} and channel "
-                           f"multiple {target.channel_multiple}: profiling one into {path} (once per machine)")
+                f"multiple {target.channel_multiple}: profiling one into {path} (once per machine)")
             table = build(structure, target, path)
     try:
         table.predict(structure, structure.baseline_widths())
