@@ -29,11 +29,13 @@ from pathlib import Path
 import torch
 
 from edgecompact.budget import parse_budget
+from edgecompact.cost.model import latency_model
 from edgecompact.data import load_dataset
 from edgecompact.errors import ConfigError, UserError
 from edgecompact.methods import list_methods, run_method
 from edgecompact.models import create_model
-from edgecompact.pipeline import build_context
+from edgecompact.pipeline import build_context, search_multiple
+from edgecompact.structure import analyze
 from edgecompact.report import bench_document
 from edgecompact.targets import get_target
 from edgecompact.train import TrainConfig, evaluate, train
@@ -70,7 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--measure-runs", type=int, default=200,
                    help="onnxruntime runs (batch 1, --threads threads) timing baseline and compact interleaved; 0: off")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (data split, init, search): mean +- std")
-    p.add_argument("--channel-multiple", type=int, default=1, help="every searched width a multiple of this")
+    p.add_argument("--channel-multiple", type=int, default=None,
+                   help="every searched width a multiple of this (default: the target's as a search resolves it: "
+                   "host latency budgets step in this CPU's fp32 lanes, FLOP/param budgets in 1)")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="budget tolerance (a latency budget's is judged on measured ms)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="deployment precision: searches judge and report top-1 at it (int8: onnxruntime's static QDQ)")
     p.add_argument("--drop-blocks", action="store_true", help="depth pruning: methods may remove residual blocks")
@@ -111,6 +117,8 @@ def protocol(a: argparse.Namespace, search_epochs: int, options: dict) -> str:
         text += "; no distillation anywhere (GenSynth's cycles included)"
     if a.channel_multiple > 1:
         text += f"; channel multiple {a.channel_multiple}"
+    if a.tolerance != 0.02:
+        text += f"; budget tolerance {100 * a.tolerance:g}%"
     if a.drop_blocks:
         text += "; residual blocks may be removed"
     if a.precision != "fp32":
@@ -203,6 +211,11 @@ def aggregate(per_seed: list[dict]) -> dict:
         row["budget"] = {"metric": first["budget"]["metric"], "target": first["budget"]["target"],
                          "achieved": _mean([x["budget"]["achieved"] for x in per_seed], 4),
                          "error_pct": _mean([x["budget"]["error_pct"] for x in per_seed], 2)}
+        for key in ("measured_error_pct", "paired_error_pct"):  # a latency budget: the loop's, then this bench's own
+            if all(key in x["budget"] for x in per_seed):
+                errors = [x["budget"][key] for x in per_seed]
+                row["budget"][key] = _mean(errors, 2)
+                row["budget"][key.replace("_pct", "_max_abs_pct")] = max(abs(e) for e in errors)
     lat_keys = set.intersection(*(set(x.get("latency_ms", {})) for x in per_seed))
     if lat_keys:
         row["latency_ms"] = {k: _mean([x["latency_ms"][k] for x in per_seed], 4) for k in sorted(lat_keys)}
@@ -227,6 +240,18 @@ def verdict(a: dict, b: dict) -> str:
     return f"{diff:+.2f} ({'tie' if abs(diff) <= std else 'better' if diff > 0 else 'worse'})"
 
 
+def budget_cell(budget: dict) -> str:
+    """The budget error a row is judged on: measured (this bench's own paired timing of the final network, worst
+    seed beside the mean) where the budget is in ms and was timed, else the cost model's."""
+    if "paired_error_pct" in budget:
+        return f"{budget['paired_error_pct']:+.2f} measured (worst {budget['paired_error_max_abs_pct']:.2f})"
+    if "measured_error_pct" in budget:
+        return f"{budget['measured_error_pct']:+.2f} measured"
+    if budget.get("metric") == "latency" and "error_pct" in budget:
+        return f"{budget['error_pct']} predicted"
+    return str(budget.get("error_pct", ""))
+
+
 def markdown(doc: dict) -> str:
     rows = doc["results"]
     base = next((r for r in rows if r["name"] == "baseline"), None)
@@ -249,7 +274,7 @@ def markdown(doc: dict) -> str:
         cells = [r["name"], ",".join(map(str, r["seeds"])), r.get("mflops"), r.get("params"), top1,
                  "" if r is base or base is None else f"{base['top1'] - r['top1']:.2f}",
                  "" if control is None or r is control or r is base else verdict(r, control),
-                 r.get("final", ""), (r.get("budget") or {}).get("error_pct", ""), lat.get("predicted", ""),
+                 r.get("final", ""), budget_cell(r.get("budget") or {}), lat.get("predicted", ""),
                  measured, f"{speed:.2f}x" if speed else "", r.get("commit", "")]
         lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
     sources = sorted({r["latency_source"] for r in rows if "latency_source" in r})
@@ -269,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= a.distill <= 1:
         raise ConfigError(f"--distill {a.distill:g}: expected a weight in [0, 1]")
     options = method_options(a.set, known)
+    # the multiple `edgecompact search` would use (pipeline.search_multiple)
+    a.channel_multiple = search_multiple(get_target(a.target), a.channel_multiple,
+                                         a.metric == "latency").channel_multiple
     search_epochs = a.search_epochs if a.search_epochs is not None else a.finetune_epochs
     proto = protocol(a, search_epochs, options)
     command = "python tools/bench_methods.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
@@ -310,11 +338,18 @@ def run_seed(a: argparse.Namespace, seed: int, methods: list[str], options: dict
     scratch = replace(base_cfg, epochs=total_epochs(a, search_epochs), distill_alpha=a.distill)
     finetune = TrainConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, batch_size=a.batch_size, seed=seed,
                            distill_alpha=a.distill)
-    target = get_target(a.target)
-    ctx = build_context(baseline, data, parse_budget(a.budget, a.metric), profile=a.profile, model_name=a.model,
-                        finetune=finetune, search_epochs=search_epochs, scratch=scratch, final=a.final,
-                        channel_multiple=a.channel_multiple, drop_blocks=a.drop_blocks, precision=a.precision,
-                        seed=seed, target=target, log=lambda s: print(s, flush=True))
+    target, structure, latency = get_target(a.target), None, None
+    if a.metric == "latency":  # as a search does: the table at the search's multiple, profiled here on first use
+        from edgecompact.profiling import profile
+
+        target = search_multiple(target, a.channel_multiple, True)
+        structure = analyze(baseline, shape[1:], a.model, drop_blocks=a.drop_blocks)
+        latency = latency_model(structure, target, a.profile, build=profile)
+    ctx = build_context(baseline, data, parse_budget(a.budget, a.metric, a.tolerance), profile=a.profile,
+                        model_name=a.model, finetune=finetune, search_epochs=search_epochs, scratch=scratch,
+                        final=a.final, channel_multiple=a.channel_multiple, drop_blocks=a.drop_blocks,
+                        precision=a.precision, seed=seed, target=target, structure=structure, latency=latency,
+                        log=lambda s: print(s, flush=True))
     stamp = {"seed": seed, "commit": commit(), "command": command, "date": date.today().isoformat()}
     if not done(a.out, proto, "baseline", seed):
         # the reference: full width, trained from scratch for as many epochs as a method gets in all
@@ -384,6 +419,10 @@ def _measure(rec: dict, base: Path, compact: Path, shape, target: str, a) -> Non
     rec.setdefault("latency_ms", {})[f"{target}-ort"] = round(comp_ms, 4)
     rec["latency_ms"][f"{target}-ort-baseline"] = round(base_ms, 4)
     rec["measured_speedup"] = {f"{target}-ort": round(base_ms / comp_ms, 3)}
+    budget = rec.get("budget") or {}
+    if budget.get("measured"):  # the latency budget judged again on this pair: the ratio it asked for
+        ratio = budget["measured_target_ms"] / budget["measured_baseline_ms"]
+        budget["paired_error_pct"] = round(100 * (comp_ms / base_ms / ratio - 1), 2)
 
 
 if __name__ == "__main__":
