@@ -172,11 +172,10 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
     written = []
     axes = [("mflops", "MFLOPs", lambda r: r.get("mflops"))]
 
-    def measured(r):
-        lat = {k: v for k, v in r.get("latency_ms", {}).items() if k != "predicted" and not k.endswith("-baseline")}
-        return min(lat.values()) if lat else None
-
-    axes.append(("ms", "measured latency (ms)", measured))
+    ref = reference_ms(records)
+    axes.append(("ms", "measured latency (ms)" if ref is None else
+                 f"measured ms: paired ratio to the baseline x {ref:.3f} ms (median baseline of the pairs)",
+                 lambda r: one_axis_ms(r, ref)))
     for tag, label, get in axes:
         pts = [(get(r), r["top1"], r["name"]) for r in records if get(r) is not None and r.get("top1") is not None]
         if len(pts) < 1:
@@ -185,7 +184,7 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
         front = set(pareto([(x, y) for x, y, _ in pts]))
         for i, (x, y, n) in enumerate(pts):
             ax.scatter(x, y, marker="*" if i in front else "o", s=90 if i in front else 40)
-            ax.annotate(n, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        place_labels(ax, [(x, y) for x, y, _ in pts], [n for _, _, n in pts])
         fr = sorted(pts[i] for i in front)
         ax.plot([p[0] for p in fr], [p[1] for p in fr], "--", lw=0.8, color="gray", label="Pareto front")
         ax.set_xlabel(label)
@@ -214,3 +213,111 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _pairs(rec: dict) -> list[tuple[str, float, float]]:
+    """(runtime key, compact ms, baseline ms) of every timing of `rec` taken beside the baseline in one process."""
+    lat = rec.get("latency_ms", {})
+    return [(k, v, lat[f"{k}-baseline"]) for k, v in lat.items() if f"{k}-baseline" in lat]
+
+
+def reference_ms(records: list[dict]) -> float | None:
+    """One baseline ms for a whole plot: the median of the baselines timed in the pairs (per seed where rows hold
+    seeds). Absolute ms from different pairs drift with the machine's load; ratios within a pair do not."""
+    import statistics
+
+    base = [b for r in records for x in (r.get("per_seed") or [r]) for _, _, b in _pairs(x)]
+    return statistics.median(base) if base else None
+
+
+def one_axis_ms(rec: dict, ref: float | None) -> float | None:
+    """`rec` on the plot's time axis: its paired ratio to the baseline x `ref`; the baseline sits at `ref`. A record
+    without a pair keeps its own measured ms (None when it has none)."""
+    pairs = _pairs(rec)
+    if ref is not None and pairs:
+        key, ms, base = min(pairs)
+        return ref * ms / base
+    if ref is not None and rec.get("name") == "baseline":
+        return ref
+    lat = {k: v for k, v in rec.get("latency_ms", {}).items() if k != "predicted" and not k.endswith("-baseline")}
+    return min(lat.values()) if lat else None
+
+
+def place_labels(ax, points: list[tuple[float, float]], names: list[str], fontsize: int = 8) -> list:
+    """Annotate each point with its name where the text box overlaps no other label and no marker: candidates
+    around the point at growing distances, the first free one kept (greedy, in display pixels)."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    marks = [ax.transData.transform(p) for p in points]
+    taken, texts = [], []
+
+    def free(box) -> bool:
+        if any(box.overlaps(t) for t in taken):
+            return False
+        return not any(box.x0 - 4 <= mx <= box.x1 + 4 and box.y0 - 4 <= my <= box.y1 + 4 for mx, my in marks)
+
+    offsets = [(dx * r, dy * r) for r in (6, 14, 24, 36, 50) for dx, dy in
+               ((1, 0.5), (1, -1.2), (-1, 0.5), (-1, -1.2), (0, 1.2), (0, -2), (1, 2), (-1, 2))]
+    for (x, y), name in sorted(zip(points, names), key=lambda t: -t[0][1]):
+        for dx, dy in offsets:
+            t = ax.annotate(name, (x, y), fontsize=fontsize, xytext=(dx, dy), textcoords="offset points",
+                            ha="left" if dx >= 0 else "right", va="center",
+                            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "gray"} if abs(dx) > 14 else None)
+            box = t.get_window_extent(renderer)
+            if free(box) or (dx, dy) == offsets[-1]:
+                taken.append(box)
+                texts.append(t)
+                break
+            t.remove()
+    return texts
+
+
+CONTROL_NAMES = ("uniform", "random", "uniform-scratch", "uniform-depth-scratch")
+
+
+def plot_seeds(doc: dict, path: Path) -> Path | None:
+    """A methods benchmark (rows with `per_seed`) as top-1 against measured ms, on one time axis (`one_axis_ms`):
+    each method with error bars over seeds (std of both), the controls' Pareto front dashed, labels apart."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["results"]
+    ref = reference_ms(rows)
+    if ref is None:
+        return None
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    pts = []
+    for r in rows:
+        seeds = r.get("per_seed") or [r]
+        xs = [one_axis_ms(x, ref) for x in seeds]
+        if any(v is None for v in xs):
+            continue
+        pts.append((r["name"], *stats(xs), *stats([x["top1"] for x in seeds])))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, x, xs, y, ys in pts:
+        style = ({"marker": "*", "color": "black", "ms": 11} if name == "baseline" else
+                 {"marker": "s", "color": "gray", "ms": 6} if name in CONTROL_NAMES else {"marker": "o", "ms": 6})
+        ax.errorbar(x, y, xerr=xs, yerr=ys, capsize=3, lw=0.8, **style)
+    controls = [(x, y) for name, x, _, y, _ in pts if name in CONTROL_NAMES]
+    front = sorted(controls[i] for i in pareto(controls))
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", lw=0.8, label="controls' front")
+        ax.legend(loc="lower right", fontsize=8)
+    place_labels(ax, [(x, y) for _, x, _, y, _ in pts], [name for name, *_ in pts])
+    seeds = sorted({s for r in rows for s in r.get("seeds", [])})
+    ax.set_xlabel(f"measured ms: paired ratio to the baseline x {ref:.3f} ms (median baseline of the pairs)")
+    ax.set_ylabel(f"top-1 % (mean +- std, seeds {','.join(map(str, seeds))})")
+    ax.set_title(doc.get("protocol", "")[:110], fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -54,3 +54,49 @@ def test_report_of_a_malformed_file_names_it(tmp_path):
     bad.write_text(json.dumps({"results": 3}))
     with pytest.raises(ConfigError, match="report.json"):
         load_records([bad])
+
+
+def _seed(seed: int, top1: float, ms: float, base_ms: float) -> dict:
+    return {"seed": seed, "top1": top1, "latency_ms": {"host-ort": ms, "host-ort-baseline": base_ms}}
+
+
+def test_one_time_axis_puts_identical_shapes_timed_under_other_loads_at_one_ms():
+    """Two compacts of one shape timed in pairs under different loads (the demo's uniform vs random): absolute ms
+    differ, paired ratios do not; on the plot's axis both sit at ratio x the one reference baseline ms."""
+    from edgecompact.report import one_axis_ms, reference_ms
+
+    recs = [{"name": "uniform", "latency_ms": {"host-ort": 0.33, "host-ort-baseline": 1.0}},
+            {"name": "random", "latency_ms": {"host-ort": 0.54, "host-ort-baseline": 1.636}},
+            {"name": "baseline", "latency_ms": {"host-ort": 1.2}}]
+    ref = reference_ms(recs)
+    assert ref == pytest.approx((1.0 + 1.636) / 2)
+    assert one_axis_ms(recs[0], ref) == pytest.approx(one_axis_ms(recs[1], ref), rel=1e-3)
+    assert one_axis_ms(recs[0], ref) == pytest.approx(0.33 * ref)
+    assert one_axis_ms(recs[2], ref) == ref
+
+
+def test_seed_plot_has_error_bars_and_labels_that_do_not_overlap(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgecompact.report import place_labels, plot_seeds
+
+    # crowded on purpose: five points within a few pixels of each other
+    rows = [{"name": "baseline", "seeds": [0, 1], "top1": 90.0, "per_seed": [{"seed": 0, "top1": 90.0},
+                                                                              {"seed": 1, "top1": 90.0}]}]
+    for i, name in enumerate(["uniform-scratch", "gensynth", "group-lasso", "morphnet", "variational-dropout"]):
+        per = [_seed(s, 88 + 0.01 * i + s * 0.1, 0.5 + 0.001 * i, 1.0 + 0.1 * s) for s in (0, 1)]
+        rows.append({"name": name, "seeds": [0, 1], "top1": 88.05 + 0.01 * i, "per_seed": per})
+    path = plot_seeds({"protocol": "test", "results": rows}, tmp_path / "p.png")
+    assert path is not None and path.stat().st_size > 1000
+    fig, ax = plt.subplots()
+    ax.set_xlim(0.4, 1.2)
+    ax.set_ylim(87, 91)
+    pts = [(0.5 + 0.001 * i, 88.0 + 0.01 * i) for i in range(5)]
+    texts = place_labels(ax, pts, [r["name"] for r in rows[1:]])
+    boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in texts]
+    assert len(boxes) == 5
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
