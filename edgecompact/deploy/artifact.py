@@ -29,6 +29,7 @@ from edgecompact.deploy import tvm as etvm
 from edgecompact.deploy.bench import median_ms
 from edgecompact.errors import DeployError
 from edgecompact.report import machine
+from edgecompact.storage import write_text_atomic
 from edgecompact.targets import PRECISIONS, Target
 
 LIBRARY, ONNX_FILE, MANIFEST = "model.so", "model.onnx", "manifest.json"  # + model.fp32.onnx beside int8/fp16
@@ -140,5 +141,5 @@ def export_artifact(model: nn.Module, input_shape: tuple[int, ...], target: Targ
     if accuracy:
         manifest["accuracy_top1"] = accuracy
     path = out_dir / MANIFEST
-    path.write_text(json.dumps(manifest, indent=1))
+    write_text_atomic(path, json.dumps(manifest, indent=1))
     return path
