@@ -92,7 +92,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
     for name in list_targets():
         t = get_target(name)
-        why = f" from {t.multiple_from}" if t.multiple_from.startswith("this CPU") else ""
+        why = f" from {t.multiple_from}" if t.multiple_from_cpu else ""
         print(f"{t.name:<10} {t.description}  [multiple {t.channel_multiple}{why}, {t.precision}, "
               f"{'runs here' if t.runnable_here else 'board: RPC key ' + str(t.rpc_key)}]")
     return 0

@@ -13,6 +13,7 @@ import numpy as np
 from torch import nn
 
 from edgecompact.data import DataSplits
+from edgecompact.storage import write_text_atomic
 from edgecompact.targets import Target
 
 BENCH_RUNS = 200  # batch-1 runs per runtime and model; baseline and compact are timed back to back
@@ -77,5 +78,5 @@ def deploy_run(run_dir: Path, records: list[dict], baseline: nn.Module, compact:
         records[1]["latency_ms"][key] = round(c_ms, 4)
         records[1]["latency_ms"][f"{key}-baseline"] = round(b_ms, 4)
         records[1]["measured_speedup"][key] = round(b_ms / c_ms, 3)
-    (root / "bench.json").write_text(json.dumps(doc, indent=1))
+    write_text_atomic(root / "bench.json", json.dumps(doc, indent=1))
     return doc

@@ -213,9 +213,9 @@ def search_multiple(target, given: int | None, latency_budget: bool):
     if given is not None:
         if given < 1:
             raise ConfigError(f"--channel-multiple {given}: expected an integer >= 1")
-        return replace(target, channel_multiple=given, multiple_from="--channel-multiple")
-    if target.multiple_from.startswith("this CPU") and not latency_budget:
-        return replace(target, channel_multiple=1,
+        return replace(target, channel_multiple=given, multiple_from="--channel-multiple", multiple_from_cpu=False)
+    if target.multiple_from_cpu and not latency_budget:
+        return replace(target, channel_multiple=1, multiple_from_cpu=False,
                        multiple_from=f"a FLOP/parameter budget; latency searches use {target.channel_multiple} from "
                                      f"{target.multiple_from}")
     return replace(target, multiple_from=f"from {target.multiple_from}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edgecompact import __version__
 from edgecompact.errors import ConfigError
+from edgecompact.storage import write_text_atomic
 
 
 def machine() -> str:
@@ -115,11 +116,8 @@ def markdown_table(doc: dict) -> str:
 
 def write_bench(path_json: Path, doc: dict) -> None:
     path_json = Path(path_json)
-    path_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path_json.with_name(path_json.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path_json)
-    path_json.with_suffix(".md").write_text(markdown_table(doc))
+    write_text_atomic(path_json, json.dumps(doc, indent=1))
+    write_text_atomic(path_json.with_suffix(".md"), markdown_table(doc))
 
 
 def write_report(run_dir: Path, records: list[dict], command: str, protocol: str) -> dict:

@@ -45,6 +45,7 @@ class Target:
     runtime: str = "tvm"
     # where channel_multiple comes from: the TOML file, or this CPU's fp32 vector width (`channel_multiple = "cpu"`)
     multiple_from: str = field(default="", compare=False)
+    multiple_from_cpu: bool = field(default=False, compare=False)  # channel_multiple is this CPU's vector lanes
     source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,7 +95,8 @@ def load_target_file(path: Path) -> Target:
     if "runnable_here" in raw:
         _check_type(path, "runnable_here", raw["runnable_here"], bool)
     multiple, multiple_from = cons.get("channel_multiple", 1), str(path)
-    if multiple == "cpu":
+    from_cpu = multiple == "cpu"
+    if from_cpu:
         if not raw.get("runnable_here", False):
             raise ConfigError(f"{path}: key 'constraints.channel_multiple' is \"cpu\" (this machine's vector width) "
                               "but the target does not run here (runnable_here = false): give an integer")
@@ -115,7 +117,7 @@ def load_target_file(path: Path) -> Target:
         host_target=raw.get("host_target"), cross_compiler=raw.get("cross_compiler"),
         rpc_key=raw.get("rpc_key"), runnable_here=raw.get("runnable_here", False),
         channel_multiple=multiple, precision=precision, runtime=runtime, multiple_from=multiple_from,
-        source=str(path),
+        multiple_from_cpu=from_cpu, source=str(path),
     )
 
 

@@ -54,13 +54,10 @@ def make_context(digits16, trained_resnet20):
 @pytest.fixture
 def count_mflops():
     """count_mflops(model, ctx) -> MFLOPs of one forward at batch 1, counted by torch's own FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from edgecompact.structure_check import torch_flops
 
     def count(model, ctx) -> float:
         c, s = ctx.data.in_channels, ctx.data.input_size
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, c, s, s))
-        return counter.get_total_flops() / 1e6
+        return torch_flops(model, (c, s, s)) / 1e6
 
     return count

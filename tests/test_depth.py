@@ -5,7 +5,6 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from edgecompact.budget import fit_to_budget, min_widths
 from edgecompact.cost.flops import arch_flops, arch_params
@@ -16,15 +15,10 @@ from edgecompact.errors import ConfigError
 from edgecompact.models import create_model
 from edgecompact.structure import analyze, check_widths, keep_from_scores, mask, slim, widths_of
 from edgecompact.structure_check import randomize_bn as _randomize_bn
+from edgecompact.structure_check import torch_flops
 from edgecompact.targets import get_target
 
 CASES = [("resnet20", (3, 16, 16)), ("resnet50_imagenet64", (3, 32, 32))]
-
-
-def _true_flops(model: torch.nn.Module, shape: tuple[int, int, int]) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(1, *shape))
-    return counter.get_total_flops()
 
 
 def _drop(structure, widths: dict[str, int], blocks: list[str]) -> dict[str, int]:
@@ -50,7 +44,7 @@ def test_removed_blocks_match_the_masked_model_flops_and_params(name, shape):
     with torch.no_grad():
         assert torch.allclose(slimmed(x), masked(x), atol=1e-5)
     assert all(not hasattr(dict(slimmed.named_modules())[b], "conv1") for b in blocks[::2])
-    assert arch_flops(structure, widths) == _true_flops(slimmed, shape)
+    assert arch_flops(structure, widths) == torch_flops(slimmed, shape)
     assert arch_params(structure, widths) == sum(p.numel() for p in slimmed.parameters())
 
 

@@ -155,6 +155,7 @@ def test_taylor_insights_predict_the_damage_of_removing_each_channel(make_contex
     assert spearmanr(t, a).statistic > 0.5
 
 
+@pytest.mark.slow
 def test_returned_network_meets_every_constraint(searched, digits16):
     ctx, result = searched
     widths = result.arch.widths
@@ -180,6 +181,7 @@ def test_returned_network_meets_every_constraint(searched, digits16):
     assert len(saved["cycles"]) == SMALL["cycles"] and saved["final"]["widths"] == widths
 
 
+@pytest.mark.slow
 def test_unmet_accuracy_is_recorded_or_raised_when_strict(digits16, trained_resnet20, tmp_path, monkeypatch):
     monkeypatch.setattr(gs, "evaluate_at_precision", lambda *a, **k: 0.0)  # int8 deployment that always fails
     opts = dict(SMALL, cycles=1, samples=1, steps=1)

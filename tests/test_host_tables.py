@@ -46,6 +46,7 @@ class Tiny(nn.Module):
 def test_host_channel_multiple_is_this_cpus_fp32_lanes():
     host = get_target("host")
     assert host.channel_multiple == host_cpu().fp32_lanes and host.multiple_from.startswith("this CPU")
+    assert host.multiple_from_cpu and not get_target("rpi4").multiple_from_cpu
     level = torch.backends.cpu.get_cpu_capability()
     if level not in TORCH_LANES:
         pytest.skip(f"torch dispatches at {level}: no independent vector width to compare with")
@@ -67,6 +68,7 @@ def test_search_multiple_follows_the_metric_unless_given():
     assert search_multiple(host, None, latency_budget=True).channel_multiple == host_cpu().fp32_lanes
     flops = search_multiple(host, None, latency_budget=False)
     assert flops.channel_multiple == 1 and "latency searches use" in flops.multiple_from
+    assert not flops.multiple_from_cpu and not search_multiple(host, 8, latency_budget=True).multiple_from_cpu
     assert search_multiple(host, 8, latency_budget=False).channel_multiple == 8
     assert search_multiple(get_target("rpi4"), None, latency_budget=False).channel_multiple == 4
     with pytest.raises(ConfigError, match="--channel-multiple 0"):

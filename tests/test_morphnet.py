@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from edgecompact.budget import parse_budget
 from edgecompact.errors import ConfigError
@@ -30,6 +29,7 @@ from edgecompact.methods.morphnet import (
     width_floor,
 )
 from edgecompact.structure import analyze, channel_masks, slim
+from edgecompact.structure_check import torch_flops
 
 torch.set_num_threads(1)
 
@@ -122,20 +122,14 @@ def test_shrink_lowers_the_resource_regularizer_most_where_channels_cost_most(ma
     assert ratio[dearest] < ratio[cheapest]
 
 
-def _flops_of(model: nn.Module, shape: tuple[int, ...]) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(1, *shape))
-    return counter.get_total_flops()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("controller", [False, True])
 def test_morphnet_lands_on_a_flops_budget_within_two_percent(make_context, controller) -> None:
     ctx = make_context("0.33x", options={"iterations": 2, "controller": str(controller).lower()})
     res = run_method("morphnet", ctx)
-    measured = _flops_of(res.model.eval(), ctx.structure.input_shape)  # torch's counter, not ours
+    measured = torch_flops(res.model.eval(), ctx.structure.input_shape)  # torch's counter, not ours
     assert abs(measured / ctx.target_cost - 1) <= 0.02
-    assert abs(measured / _flops_of(ctx.baseline, ctx.structure.input_shape) - 0.33) <= 0.33 * 0.02
+    assert abs(measured / torch_flops(ctx.baseline, ctx.structure.input_shape) - 0.33) <= 0.33 * 0.02
     shrinks = res.history[1:-1]  # the last entry is run_method's final training
     rules = [h["lambda_rule"] for h in shrinks]
     assert rules == ["schedule", "controller" if controller else "constant"] and all(h["lambda"] > 0 for h in shrinks)
@@ -233,7 +227,7 @@ def test_expand_keeps_every_width_above_the_floor_and_lands_on_the_budget(make_c
         top = torch.argsort(gammas[g], descending=True)[:floor[g]].tolist()
         assert set(top) <= set(keep[g])  # the floor's channels are the group's highest |gamma|
     compact = slim(ctx.baseline, structure, keep).eval()
-    measured = _flops_of(compact, structure.input_shape)  # torch's counter on the slimmed model, not our cost
+    measured = torch_flops(compact, structure.input_shape)  # torch's counter on the slimmed model, not our cost
     assert abs(measured / ctx.target_cost - 1) <= 0.02, info
 
 
@@ -248,7 +242,7 @@ def test_expand_refinement_never_crosses_the_floor(make_context) -> None:
         keep, info = expand(structure, alive, gammas, ctx.cost, ctx.target_cost, 0.02, 8, floor)
         refined += info["refined"]
         assert all(len(keep[g]) >= floor[g] for g in structure.groups)
-        assert abs(_flops_of(slim(ctx.baseline, structure, keep).eval(), structure.input_shape)
+        assert abs(torch_flops(slim(ctx.baseline, structure, keep).eval(), structure.input_shape)
                    / ctx.target_cost - 1) <= 0.02
     assert refined > 0  # the refinement path was exercised
 

@@ -31,6 +31,8 @@ def test_report_table_and_plots_from_run_reports(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     write_bench(run / "report.json", bench_document("search", "edgecompact search ...", "test", _records()))
+    # the Markdown beside the JSON is the JSON's table: one document, written twice
+    assert (run / "report.md").read_text() == markdown_table(json.loads((run / "report.json").read_text()))
     records = load_records([run])
     md = markdown_table(bench_document("report", "edgecompact report run", "test", records))
     assert "| uniform | resnet20 | digits | 6.6 | 90693 | 98.0 | -1.3 | 0.13 | 0.220 (host-ort) | 1.40x |" in md  # paired, same-process ratio

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from edgecompact.methods import list_methods
-from edgecompact.pipeline import SearchSpec, run_search
+from edgecompact.pipeline import SearchSpec, load_compact, run_search
+from edgecompact.report import markdown_table
+from edgecompact.structure_check import torch_flops
 
 
 def _spec(method: str, **kw) -> SearchSpec:
@@ -33,6 +35,10 @@ def test_search_every_method_writes_a_valid_run_dir(tmp_path, method):
         assert (tmp_path / method / f).is_file(), f
     arch = json.loads((tmp_path / method / "arch.json").read_text())
     assert {k: len(v) for k, v in arch["keep"].items()} == arch["widths"] == rec["widths"]
+    # the reported MFLOPs are torch's own count of the saved model, and the Markdown is the JSON's table
+    compact, _, structure = load_compact(tmp_path / method)
+    assert rec["mflops"] == pytest.approx(torch_flops(compact, structure.input_shape) / 1e6, abs=1e-3)
+    assert (tmp_path / method / "report.md").read_text() == markdown_table(doc)
     # every method's final training is the protocol's default, chosen on validation (controls fix theirs)
     fixed = {"uniform": "inherit", "random": "inherit", "uniform-scratch": "scratch", "uniform-depth-scratch": "scratch"}
     assert rec["final"] == fixed.get(method, rec["final"]) and rec["final"] in rec["final_val_top1"]
@@ -49,6 +55,7 @@ def test_search_with_deploy_measures_baseline_and_compact_on_the_host(tmp_path):
     assert (tmp_path / "run" / "deploy" / "host" / "bench.json").is_file()
 
 
+@pytest.mark.slow
 def test_distill_reaches_every_fine_tune_with_the_baseline_as_teacher(tmp_path, monkeypatch):
     import edgecompact.train as train_mod
     from edgecompact.methods import base

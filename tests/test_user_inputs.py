@@ -219,6 +219,7 @@ def test_weights_file_that_is_not_a_checkpoint_is_one_line(tmp_path: Path, tiny)
         load_weights(tiny(), tmp_path / "absent.pt")
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_is_searched_without_retraining_and_comes_out_as_safetensors(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`edgecompact train` on an image folder, then `search --weights` on its checkpoint: the report's baseline
@@ -302,6 +303,7 @@ def test_onnx_model_with_an_unsupported_operator_is_refused_in_one_line(tmp_path
     assert "supported: Add, AveragePool, BatchNormalization" in line
 
 
+@pytest.mark.slow
 def test_onnx_model_is_converted_verified_and_searched(tmp_path: Path, zoo_onnx: Path) -> None:
     import edgecompact
     from edgecompact.pipeline import SearchSpec, run_search

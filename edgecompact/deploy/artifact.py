@@ -29,6 +29,7 @@ from edgecompact.deploy import tvm as etvm
 from edgecompact.deploy.bench import median_ms
 from edgecompact.errors import DeployError
 from edgecompact.report import machine
+from edgecompact.storage import write_text_atomic
 from edgecompact.targets import PRECISIONS, Target
 
 LIBRARY, ONNX_FILE, MANIFEST = "model.so", "model.onnx", "manifest.json"  # + model.fp32.onnx beside int8/fp16
@@ -42,12 +43,17 @@ def int8_scheme_for(target: Target) -> Int8Scheme:
     return Int8Scheme(False, f"{target.name}: not this machine; Arm int8 kernels do not saturate")
 
 
+def relax_module(path: Path) -> tuple[tvm.IRModule, tuple[str, list[int], str]]:
+    """ONNX file, parsed once -> (Relax module with the file's static input shape, its input spec)."""
+    model = eonnx.load_onnx(path)
+    spec = eonnx.input_spec(path, model)
+    return from_onnx(model, shape_dict={spec[0]: spec[1]}), spec
+
+
 def compile_onnx(path: Path, target: Target, *, tune_trials: int = 0, db_dir: Path | None = None
                  ) -> relax.VMExecutable:
     """ONNX file -> Relax (static input shape from the file) -> compile_relax."""
-    name, shape, _ = eonnx.input_spec(path)
-    mod = from_onnx(eonnx.load_onnx(path), shape_dict={name: shape})
-    return etvm.compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir)
+    return etvm.compile_relax(relax_module(path)[0], target, tune_trials=tune_trials, db_dir=db_dir)
 
 
 def _top1(predict: Any, data: tuple[np.ndarray, np.ndarray]) -> float:
@@ -79,20 +85,16 @@ def export_artifact(model: nn.Module, input_shape: tuple[int, ...], target: Targ
     onnx_path = out_dir / ONNX_FILE
     scheme = int8_scheme_for(target) if precision == "int8" else None
     fp32_path, max_diff = eonnx.ship_onnx(model, input_shape, precision, onnx_path, calib=calib, scheme=scheme)
-    in_name, in_shape, in_dtype = eonnx.input_spec(onnx_path)
-
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # compile_s: ONNX import, tuning and build
+    mod, (in_name, in_shape, in_dtype) = relax_module(onnx_path)
     db_dir = Path(db_dir) if db_dir is not None else (etvm.default_db_dir(target) if tune_trials else None)
     tuning: dict[str, Any] = {"trials_per_task": tune_trials, "db": str(db_dir) if db_dir else None}
     not_here = etvm.runnable_here(target)
     if tune_trials and not_here:
         tuning["skipped"] = "tuning measures candidates on the device; this target does not run here"
-        ex = compile_onnx(onnx_path, target, db_dir=db_dir)
-    else:
-        if tune_trials:
-            mod = from_onnx(eonnx.load_onnx(onnx_path), shape_dict={in_name: in_shape})
-            tuning["summary"] = etvm.tune(mod, target, tune_trials, db_dir)
-        ex = compile_onnx(onnx_path, target, db_dir=db_dir)
+    ex, summary = etvm.compile_tuned(mod, target, tune_trials=0 if not_here else tune_trials, db_dir=db_dir)
+    if summary is not None:
+        tuning["summary"] = summary
     tuning["compile_s"] = round(time.perf_counter() - t0, 1)
     lib = etvm.export_library(ex, out_dir / LIBRARY, target)
     shutil.copy(run.__file__, out_dir / "run.py")
@@ -140,5 +142,5 @@ def export_artifact(model: nn.Module, input_shape: tuple[int, ...], target: Targ
     if accuracy:
         manifest["accuracy_top1"] = accuracy
     path = out_dir / MANIFEST
-    path.write_text(json.dumps(manifest, indent=1))
+    write_text_atomic(path, json.dumps(manifest, indent=1))
     return path

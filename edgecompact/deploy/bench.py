@@ -22,6 +22,7 @@ from edgecompact import run
 from edgecompact.deploy import onnx as eonnx
 from edgecompact.deploy import tvm as etvm
 from edgecompact.errors import DeployError
+from edgecompact.storage import write_text_atomic
 from edgecompact.targets import Target
 
 MIN_RUNS = 50
@@ -147,7 +148,7 @@ def bench_artifacts(paths: list[Path], *, runs: int = MIN_RUNS, threads: int = 1
             rec["skipped"] = not_here
         rec["latency_ms"] = {k: round(v, 4) for k, v in rec["latency_ms"].items()}
         if write:
-            (art / "bench.json").write_text(json.dumps(rec, indent=1))
+            write_text_atomic(art / "bench.json", json.dumps(rec, indent=1))
         results.append(rec)
     return {"results": results}
 

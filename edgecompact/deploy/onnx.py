@@ -96,9 +96,9 @@ def simplify_onnx(path: Path) -> None:
     onnx.save(simplified, str(path))
 
 
-def input_spec(path: Path) -> tuple[str, list[int], str]:
-    """(name, shape, numpy dtype) of the model's single input."""
-    model = load_onnx(path)
+def input_spec(path: Path, model: onnx.ModelProto | None = None) -> tuple[str, list[int], str]:
+    """(name, shape, numpy dtype) of the model's single input; `model`: the file already loaded."""
+    model = load_onnx(path) if model is None else model
     if len(model.graph.input) != 1:
         raise DeployError(f"{path}: expected one input, found {len(model.graph.input)}")
     inp = model.graph.input[0]

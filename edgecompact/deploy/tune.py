@@ -44,6 +44,8 @@ import tvm
 import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 
+from edgecompact.storage import write_text_atomic
+
 HEAVY_OPS = ("conv", "matmul", "dense")
 LEDGER = "tuned_tasks.json"  # {structural hash of a workload: most trials per task it was tuned with}
 # Candidates measured per search round of a task. Each round costs a fixed ~80-120 s here (evolutionary
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         summary["trials"] = len(database) - before
         for t in todo:
             ledger[str(tvm_ffi.structural_hash(t.dispatched[0]))] = args.trials_per_task
-        ledger_path.write_text(json.dumps(ledger, indent=1, sort_keys=True))
+        write_text_atomic(ledger_path, json.dumps(ledger, indent=1, sort_keys=True))
     summary["tuning_s"] = round(time.perf_counter() - t0, 1)
     Path(args.summary).write_text(json.dumps(summary))
 

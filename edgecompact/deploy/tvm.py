@@ -1,6 +1,6 @@
 """TVM side of deploy: a Target as a TVM target, the one compile path deploy ships, and timing.
 
-`compile_relax` is the only place a Relax module becomes an executable (profiling uses it too), so a layer
+`compile_tuned` (and `compile_relax`, its executable) is the only place a Relax module becomes an executable (profiling uses it too), so a layer
 is measured exactly as it is shipped. MetaSchedule tuning runs in a subprocess with torch hidden (see
 edgecompact.deploy.tune); this module must not tune in-process.
 """
@@ -73,9 +73,12 @@ def _prepare(mod: tvm.IRModule, tgt: tvm.target.Target) -> tvm.IRModule:
 def tune(mod: tvm.IRModule, target: Target, trials_per_task: int, db_dir: Path) -> dict[str, Any]:
     """MetaSchedule-tune the tasks of `mod` not yet in `db_dir` (subprocess, torch hidden). Returns its summary."""
     tgt = tvm_target(target)
+    return _tune(_prepare(mod, tgt), tgt, trials_per_task, db_dir)
+
+
+def _tune(prepared: tvm.IRModule, tgt: tvm.target.Target, trials_per_task: int, db_dir: Path) -> dict[str, Any]:
     db_dir = Path(db_dir)
     db_dir.mkdir(parents=True, exist_ok=True)
-    prepared = _prepare(mod, tgt)
     with tempfile.TemporaryDirectory(dir=db_dir) as tmp:
         mod_path, summary_path = Path(tmp) / "mod.json", Path(tmp) / "summary.json"
         mod_path.write_text(tvm.ir.save_json(prepared))
@@ -92,7 +95,14 @@ def tune(mod: tvm.IRModule, target: Target, trials_per_task: int, db_dir: Path) 
 
 def compile_relax(mod: tvm.IRModule, target: Target, *, tune_trials: int = 0,
                   db_dir: Path | None = None) -> relax.VMExecutable:
-    """Build `mod` for `target`: legalize + fuse, apply tuning records, relax.build.
+    """Build `mod` for `target`: legalize + fuse, apply tuning records, relax.build (`compile_tuned`'s
+    executable)."""
+    return compile_tuned(mod, target, tune_trials=tune_trials, db_dir=db_dir)[0]
+
+
+def compile_tuned(mod: tvm.IRModule, target: Target, *, tune_trials: int = 0,
+                  db_dir: Path | None = None) -> tuple[relax.VMExecutable, dict[str, Any] | None]:
+    """(executable, tuning summary or None): `mod` legalized and fused once, tuned, built for `target`.
 
     tune_trials > 0 first tunes every task not yet tuned with that many trials per task into the per-target
     database `db_dir` (default: `default_db_dir(target)`), so a layer shape shared with an earlier model costs
@@ -100,10 +110,11 @@ def compile_relax(mod: tvm.IRModule, target: Target, *, tune_trials: int = 0,
     default schedules for whatever the database does not cover.
     """
     tgt = tvm_target(target)
+    prepared = _prepare(mod, tgt)
+    summary = None
     if tune_trials > 0:
         db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
-        tune(mod, target, tune_trials, db_dir)
-    prepared = _prepare(mod, tgt)
+        summary = _tune(prepared, tgt, tune_trials, db_dir)
     if db_dir is not None and (Path(db_dir) / "database_workload.json").is_file():
         from tvm.s_tir import meta_schedule as ms
 
@@ -116,7 +127,7 @@ def compile_relax(mod: tvm.IRModule, target: Target, *, tune_trials: int = 0,
         with tgt:
             prepared = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                                dl.gpu.GeneralReduction(), dl.gpu.Fallback())(prepared)
-    return relax.build(prepared, target=tgt)
+    return relax.build(prepared, target=tgt), summary
 
 
 def set_num_threads(n: int) -> None:

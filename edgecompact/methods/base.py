@@ -260,10 +260,18 @@ def _inherit(name: str, ctx: SearchContext, proposal: Proposal) -> nn.Module:
     model = slim(proposal.source, ctx.structure, proposal.keep)
     if proposal.from_scratch:
         reinitialize(model, ctx.seed)
-    cfg = replace(ctx.finetune, epochs=ctx.finetune.epochs + proposal.extra_finetune_epochs)
-    train(model, ctx.data.train, cfg, val_set=ctx.data.val, checkpoint=_ckpt(ctx, "finetune.pt"),
-          teacher=_teacher(ctx, cfg), desc=f"{name} fine-tune")
+    final_finetune(ctx, model, _ckpt(ctx, "finetune.pt"), f"{name} fine-tune", proposal.extra_finetune_epochs)
     return model
+
+
+def final_finetune(ctx: SearchContext, model: nn.Module, checkpoint: Path | None, desc: str,
+                   extra_epochs: int = 0) -> None:
+    """Fine-tune a found network in place on the common schedule (`ctx.finetune`, distilling the baseline when the
+    run does), resumable from `checkpoint`: the inherit path's training, and a method's own when it judges the
+    trained network itself (GenSynth's 1_r)."""
+    cfg = replace(ctx.finetune, epochs=ctx.finetune.epochs + extra_epochs)
+    train(model, ctx.data.train, cfg, val_set=ctx.data.val, checkpoint=checkpoint, teacher=_teacher(ctx, cfg),
+          desc=desc)
 
 
 def _scratch(name: str, ctx: SearchContext, proposal: Proposal) -> nn.Module:

@@ -24,7 +24,14 @@ from torch.utils.data import TensorDataset
 
 from edgecompact.budget import CostFn, fit_scores, within
 from edgecompact.errors import BudgetError, ConfigError
-from edgecompact.methods.base import Proposal, SearchContext, marginal_costs, parse_options, register_method
+from edgecompact.methods.base import (
+    Proposal,
+    SearchContext,
+    final_finetune,
+    marginal_costs,
+    parse_options,
+    register_method,
+)
 from edgecompact.precision import calibration_inputs, evaluate_at_precision
 from edgecompact.storage import write_text_atomic
 from edgecompact.structure import Structure, check_widths, part_slices, slim, widths_of
@@ -408,7 +415,6 @@ def _finetune(ctx: SearchContext, model: nn.Module, steps: int, seed: int, desc:
     train(model, TensorDataset(x[idx], y[idx]), cfg, desc=desc, teacher=ctx.baseline if mimic > 0 else None)
 
 
-
 def _config(ctx: SearchContext, opts: dict) -> dict:
     """What a resumed search must share with the one that wrote the state (`strict` only judges the end)."""
     return {**{k: v for k, v in opts.items() if k != "strict"}, "budget": ctx.budget.to_dict(),
@@ -494,6 +500,40 @@ def cycle(ctx: SearchContext, gen: Generator, inq: Inquisitor, req: Requirement,
     return Generator(update(gen, found, inq.step), keep, model, gen.temperature), entry
 
 
+def _finish(ctx: SearchContext, gen: Generator, history: list[dict], req: Requirement, opts: dict,
+            calib: torch.Tensor | None) -> Proposal:
+    """Final fine-tune of G's last network (the common schedule), then 1_r once more on the trained network."""
+    final_finetune(ctx, gen.model, ctx.state_path("gensynth-final.pt"), "gensynth final fine-tune")
+    gen.model.eval()
+    final = assess(ctx, gen.keep, gen.model, req, opts["utility"], calib)
+    relaxed = [v for v in final["violations"] if v not in HARD]
+    entry = {"final": final, "relaxed": relaxed}
+    if relaxed:
+        msg = (f"no network meets the accuracy requirement at {ctx.precision}: best {final['top1']:.2f}% val top-1 vs "
+               f"required {req.min_top1:.2f}% (baseline - {opts['accuracy_tolerance']:g})")
+        if opts["strict"]:
+            raise BudgetError(f"gensynth: {msg}; raise --set accuracy_tolerance or the budget")
+        ctx.log(f"gensynth: WARNING: {msg}; returning the best network within the budget (accuracy relaxed)")
+    if ctx.run_dir is not None:
+        _write_json(ctx.state_path("gensynth.json"), {"config": _config(ctx, opts), "cycles": history, **entry})
+    return Proposal(keep=gen.keep, source=ctx.baseline, history=[*history, entry], finetuned=True,
+                    compact=gen.model, scores=channel_scores(gen))
+
+
+def channel_scores(gen: Generator) -> dict[str, torch.Tensor]:
+    """G's logits as channel scores: the channels its cycles removed rank below every one it kept, so a re-fit
+    (to a measured latency) compacts G's network further, or takes removed channels back last."""
+    values = torch.cat(list(gen.logits.values()))
+    span = float(values.max() - values.min()) + 1.0
+    out = {}
+    for g, v in gen.logits.items():
+        idx = torch.tensor(gen.keep[g], dtype=torch.long)
+        s = v.float() - span
+        s[idx] = v[idx].float()
+        out[g] = s
+    return out
+
+
 @register_method("gensynth")
 def gensynth(ctx: SearchContext) -> Proposal:
     """Cycles of synthesize -> short fine-tune -> assess (U, 1_r) -> inquire -> update G; then a final fine-tune."""
@@ -525,39 +565,3 @@ def gensynth(ctx: SearchContext) -> Proposal:
                 f"{sum(x['feasible'] for x in entry['samples'])}/{len(entry['samples'])} samples meet 1_r{trained}")
         _save(ctx, config, history, gen)
     return _finish(ctx, gen, history, req, opts, calib)
-
-
-def _finish(ctx: SearchContext, gen: Generator, history: list[dict], req: Requirement, opts: dict,
-            calib: torch.Tensor | None) -> Proposal:
-    """Final fine-tune of G's last network (the common schedule), then 1_r once more on the trained network."""
-    train(gen.model, ctx.data.train, ctx.finetune, val_set=ctx.data.val,
-          checkpoint=ctx.state_path("gensynth-final.pt"),
-          teacher=ctx.baseline if ctx.finetune.distill_alpha > 0 else None, desc="gensynth final fine-tune")
-    gen.model.eval()
-    final = assess(ctx, gen.keep, gen.model, req, opts["utility"], calib)
-    relaxed = [v for v in final["violations"] if v not in HARD]
-    entry = {"final": final, "relaxed": relaxed}
-    if relaxed:
-        msg = (f"no network meets the accuracy requirement at {ctx.precision}: best {final['top1']:.2f}% val top-1 vs "
-               f"required {req.min_top1:.2f}% (baseline - {opts['accuracy_tolerance']:g})")
-        if opts["strict"]:
-            raise BudgetError(f"gensynth: {msg}; raise --set accuracy_tolerance or the budget")
-        ctx.log(f"gensynth: WARNING: {msg}; returning the best network within the budget (accuracy relaxed)")
-    if ctx.run_dir is not None:
-        _write_json(ctx.state_path("gensynth.json"), {"config": _config(ctx, opts), "cycles": history, **entry})
-    return Proposal(keep=gen.keep, source=ctx.baseline, history=[*history, entry], finetuned=True,
-                    compact=gen.model, scores=channel_scores(gen))
-
-
-def channel_scores(gen: Generator) -> dict[str, torch.Tensor]:
-    """G's logits as channel scores: the channels its cycles removed rank below every one it kept, so a re-fit
-    (to a measured latency) compacts G's network further, or takes removed channels back last."""
-    values = torch.cat(list(gen.logits.values()))
-    span = float(values.max() - values.min()) + 1.0
-    out = {}
-    for g, v in gen.logits.items():
-        idx = torch.tensor(gen.keep[g], dtype=torch.long)
-        s = v.float() - span
-        s[idx] = v[idx].float()
-        out[g] = s
-    return out
