@@ -35,8 +35,8 @@ from edgecompact.errors import ConfigError, UserError
 from edgecompact.methods import list_methods, run_method
 from edgecompact.models import create_model
 from edgecompact.pipeline import build_context, search_multiple
-from edgecompact.structure import analyze
 from edgecompact.report import bench_document
+from edgecompact.structure import analyze
 from edgecompact.targets import get_target
 from edgecompact.train import TrainConfig, evaluate, train
 
