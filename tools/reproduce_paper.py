@@ -3,9 +3,8 @@
 --scale cpu  : a CPU-sized stand-in for the CIFAR-10 row: ResNet-20 on a Fashion-MNIST subset (28x28), all
                methods and controls at 1/3 FLOPs (without and with distillation from the baseline in every
                fine-tune and from-scratch training), then again at 1/2 of the baseline's host latency
-               (`--metric latency`, predicted by the host's onnxruntime latency table, and measured; 1/3 is
-               below the smallest architecture's latency there), and ResNet-32 with depth pruning at 1/3 FLOPs
-               against the compound width-and-depth control. Seeds 0, 1, 2 (mean +- std); every method's final
+               (`--metric latency`, met on measured onnxruntime ms, residual blocks removable), and ResNet-32
+               with depth pruning at 1/3 FLOPs against the compound width-and-depth control. Seeds 0, 1, 2 (mean +- std); every method's final
                training is the better of inherit and scratch on validation (`--final best`).
 --scale full : the paper's protocol from user-supplied dataset paths (ResNet-32/CIFAR-10, ResNet-50/CIFAR-100,
                ResNet-50 and InceptionV3 on ImageNet64), on CUDA when present.
@@ -23,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_methods import budget_cell  # tools/ is on the path of a script run from it
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
@@ -38,9 +39,13 @@ CPU_COMMON = ["--dataset", "fashion-mnist", "--model", "resnet20", "--input-size
 CPU = [("flops", CPU_COMMON + ["--out", str(BENCH / "methods.json")]),
        # the same, with every fine-tune (methods and controls alike) distilling the baseline's soft outputs
        ("flops-distill", CPU_COMMON + ["--distill", "0.5", "--out", str(BENCH / "methods_kd.json")]),
-       # 1/3 of the baseline's latency is below what onnxruntime can reach on this model (its smallest allowed
-       # architecture predicts 0.40x: per-layer overheads do not shrink with width), so the latency protocol uses 1/2
-       ("latency", CPU_COMMON + ["--metric", "latency", "--budget", "0.5x",
+       # latency: widths in steps of this CPU's fp32 lanes (16 on AVX-512), where the narrowest channel-only
+       # ResNet-20 still predicts 0.65x of the baseline's ms (0.51x in steps of 8: per-layer overheads do not shrink
+       # with width); so residual blocks may go, and the compound control runs beside uniform-scratch. Judged on
+       # measured ms (paired), within +-5% (the latency issue's goal)
+       ("latency", CPU_COMMON + ["--metric", "latency", "--budget", "0.5x", "--drop-blocks", "--tolerance", "0.05",
+                                 "--methods", "uniform-scratch", "uniform-depth-scratch", "gensynth",
+                                 "variational-dropout", "group-lasso", "morphnet-latency", "morphnet",
                                  "--out", str(BENCH / "methods_latency.json")]),
        # depth pruning: widths in steps of the host's vector, whole residual blocks may go; the compound
        # width-and-depth control (uniform-depth-scratch) is the one to beat
@@ -102,7 +107,7 @@ def table(name: str, path: Path, paper: dict | None) -> list[str]:
         top1 = f"{r['top1']:.2f}" + (f" +- {r['top1_std']:.2f}" if "top1_std" in r else "")
         cells = [r["name"], ",".join(map(str, r.get("seeds", []))), r.get("mflops"), r.get("params"), top1,
                  drop if r["name"] != "baseline" else "", r.get("final", ""),
-                 (r.get("budget") or {}).get("error_pct", ""),
+                 budget_cell(r.get("budget") or {}),
                  f"{speed:.2f}x" if speed else ("1.00x" if r["name"] == "baseline" else ""), p, pdrop,
                  r.get("commit", "")]
         lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
@@ -146,9 +151,8 @@ def main() -> None:
         lines += table("1/3 FLOPs (stand-in for Table 1)", BENCH / "methods.json", PAPER["cifar10"])
         lines += table("1/3 FLOPs, every fine-tune distilling the baseline (`--distill 0.5`)", BENCH / "methods_kd.json",
                        PAPER["cifar10"])
-        lines += table("1/2 of the baseline's predicted host latency (`--metric latency`; the paper could not run "
-                       "this; 1/3 is unreachable: the smallest allowed architecture predicts 0.40x)",
-                       BENCH / "methods_latency.json", None)
+        lines += table("1/2 of the baseline's measured host latency (`--metric latency --drop-blocks`, widths in steps "
+                       "of this CPU's lanes; the paper could not run this)", BENCH / "methods_latency.json", None)
         lines += table("ResNet-32, depth pruning, 1/3 FLOPs, widths in steps of 16 (`--drop-blocks`)",
                        BENCH / "methods_resnet32_depth.json", PAPER["cifar10"])
     else:
