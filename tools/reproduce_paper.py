@@ -4,8 +4,9 @@
                methods and controls at 1/3 FLOPs (without and with distillation from the baseline in every
                fine-tune and from-scratch training), then again at 1/2 of the baseline's host latency
                (`--metric latency`, met on measured onnxruntime ms, residual blocks removable), and ResNet-32
-               with depth pruning at 1/3 FLOPs against the compound width-and-depth control. Seeds 0, 1, 2 (mean +- std); every method's final
-               training is the better of inherit and scratch on validation (`--final best`).
+               with depth pruning at 1/3 FLOPs against the compound width-and-depth control. Seeds 0, 1, 2
+               (mean +- std); every method's final training is the better of inherit and scratch on validation
+               (`--final best`).
 --scale full : the paper's protocol from user-supplied dataset paths (ResNet-32/CIFAR-10, ResNet-50/CIFAR-100,
                ResNet-50 and InceptionV3 on ImageNet64), on CUDA when present.
 
