@@ -213,3 +213,37 @@ def test_set_num_threads_does_not_pin_the_process_to_one_core():
             "etvm.set_num_threads(1); assert os.sched_getaffinity(0) == before, os.sched_getaffinity(0)")
     env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_two_local_artifacts_are_timed_once_each_per_runtime_as_a_pair(host_artifact, tmp_path, monkeypatch):
+    """Deploy times each model once per runtime: baseline and compact interleaved (one paired timing per
+    runtime, no separate one), the compact's record holding the baseline of its pair and the ratio of the two."""
+    from edgecompact.deploy import bench
+
+    torch.manual_seed(1)
+    wide = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).eval()
+    export_artifact(wide, (1, 3, 16, 16), get_target("host"), tmp_path / "wide", runs=50)
+    calls = {"paired": 0, "single": 0}
+    paired, single = bench.paired_median_ms, bench.median_ms
+
+    def count(kind, fn):
+        def wrapped(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(bench, "paired_median_ms", count("paired", paired))
+    monkeypatch.setattr(bench, "median_ms", count("single", single))
+    models = {str(tmp_path / "wide"): wide, str(host_artifact): _tiny_cnn()}
+    doc = bench.bench_artifacts([tmp_path / "wide", host_artifact], runs=50, models=models, write=False)
+    assert calls == {"paired": 3, "single": 0}  # onnxruntime, TVM and torch: one interleaved timing each
+    base, comp = doc["results"]
+    assert base["paired"] and comp["paired"]
+    for key in ("host-ort", "host-tvm", "host-torch"):
+        assert comp["latency_ms"][f"{key}-baseline"] == base["latency_ms"][key]
+        assert comp["measured_speedup"][key] == round(base["latency_ms"][key] / comp["latency_ms"][key], 3)
+    # three artifacts: each on its own, labelled so
+    calls.update(paired=0, single=0)
+    doc = bench.bench_artifacts([host_artifact] * 3, runs=50, write=False)
+    assert calls["paired"] == 0 and all(r["paired"] is False for r in doc["results"])

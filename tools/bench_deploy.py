@@ -21,7 +21,7 @@ import tvm
 from edgecompact.budget import fit_uniform
 from edgecompact.cost.flops import arch_flops, module_flops, module_params
 from edgecompact.deploy.artifact import export_artifact
-from edgecompact.deploy.bench import bench_artifacts, time_ort_pair, time_torch_pair, time_tvm_pair
+from edgecompact.deploy.bench import bench_artifacts
 from edgecompact.deploy.tvm import default_db_dir
 from edgecompact.errors import ConfigError
 from edgecompact.models import create_model
@@ -84,27 +84,19 @@ def main() -> None:
         records.append({"name": name, "model": args.model, "mflops": round(module_flops(model, shape) / 1e6, 2),
                         "params": module_params(model), "tuning": manifest["tuning"],
                         "export_s": round(time.perf_counter() - t0, 1), "artifact": str(manifest_path.parent)})
+    # baseline and compact timed as a pair, runtime by runtime (interleaved: a shared machine's load hits both alike)
     bench = bench_artifacts([Path(r["artifact"]) for r in records], runs=args.runs, threads=args.threads,
                             models=models)
     for rec, b in zip(records, bench["results"], strict=True):
-        rec["latency_ms_unpaired"] = b["latency_ms"]  # each artifact timed on its own: not for ratios
+        rec["latency_ms"] = {k: v for k, v in b["latency_ms"].items() if not k.endswith("-baseline")}
     base, comp = records
     flop_ratio = base["mflops"] / comp["mflops"]
-    summary = {"name": "summary", "flop_ratio": round(flop_ratio, 3)}
-    # speedups from baseline and compact timed interleaved (a shared machine's load hits both alike)
-    x = torch.randn(1, *shape).numpy()
-    arts = [Path(r["artifact"]) for r in (base, comp)]
-    man = [json.loads((a / "manifest.json").read_text()) for a in arts]
-    pairs = {"host-ort": time_ort_pair(arts[0] / man[0]["onnx"], arts[1] / man[1]["onnx"], x, args.runs,
-                                       args.threads),
-             "host-tvm": time_tvm_pair(arts[0] / man[0]["library"], arts[1] / man[1]["library"], x, args.runs),
-             "host-torch": time_torch_pair(baseline, compact, x, args.runs)}
-    for key, (tb, tc) in pairs.items():
-        base.setdefault("latency_ms", {})[key] = round(tb, 4)
-        comp.setdefault("latency_ms", {})[key] = round(tc, 4)
-        summary[f"paired_ms_{key}"] = [round(tb, 4), round(tc, 4)]
-        summary[f"speedup_{key}"] = round(tb / tc, 3)
-        summary[f"speedup_over_flop_ratio_{key}"] = round(tb / tc / flop_ratio, 3)
+    summary = {"name": "summary", "flop_ratio": round(flop_ratio, 3), "paired": bench["results"][1]["paired"]}
+    pairs = bench["results"][1]["measured_speedup"]
+    for key, speedup in pairs.items():
+        summary[f"paired_ms_{key}"] = [base["latency_ms"][key], comp["latency_ms"][key]]
+        summary[f"speedup_{key}"] = speedup
+        summary[f"speedup_over_flop_ratio_{key}"] = round(speedup / flop_ratio, 3)
     records.append(summary)
 
     protocol = (f"{args.model} baseline vs {compact_name} compact at {comp['mflops'] / base['mflops']:.3f} "
@@ -119,8 +111,7 @@ def main() -> None:
     args.out.write_text(json.dumps(out, indent=1))
     keys = list(base["latency_ms"])
     lines = [(f"# deploy benchmark\n\n{out['protocol']}. Machine: {out['machine']}. Every ms below is from the "
-             "interleaved pair (baseline and compact timed together); the JSON keeps each artifact's own, "
-             "unpaired timing under `latency_ms_unpaired`.\n"),
+             "interleaved pair (baseline and compact timed together; each model timed once per runtime).\n"),
              "| name | MFLOPs | params | " + " | ".join(f"{k} (ms)" for k in keys) + " | tuning (s) |",
              "|---|---|---|" + "---|" * len(keys) + "---|"]
     for r in (base, comp):

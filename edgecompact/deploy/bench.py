@@ -111,46 +111,91 @@ def bench_artifacts(paths: list[Path], *, runs: int = MIN_RUNS, threads: int = 1
                     write: bool = True) -> dict[str, Any]:
     """Time every artifact in `paths` in this process; returns {"results": [...]}, one record per artifact.
 
-    Latency keys name target and runtime (`host-tvm`, `host-ort`, `host-torch`, `rpi4-tvm`, ...). An artifact
-    whose target does not run here is timed over RPC when `rpc_tracker` is given (key: `rpc_key` or the
-    target's rpc_key), else it gets a `skipped` line. `models` maps an artifact path to its torch module for
-    the torch eager figure. With `write`, each artifact directory gets a bench.json.
+    Latency keys name target and runtime (`host-tvm`, `host-ort`, `host-torch`, `rpi4-tvm`, ...). Two artifacts
+    that both run here with the same input (a baseline and its compact) are timed as a pair: each runtime's calls
+    interleaved (`paired_median_ms`), so each model is timed once per runtime and their ratio does not depend on
+    the machine's load; the second record then holds `<key>-baseline` and `measured_speedup`. Several artifacts
+    otherwise are timed each on its own, and their records say `"paired": false`. An artifact whose target does not
+    run here is timed over RPC when `rpc_tracker` is given (key: `rpc_key` or the target's rpc_key), else it gets a
+    `skipped` line. `models` maps an artifact path to its torch module for the torch eager figure. With `write`,
+    each artifact directory gets a bench.json.
     """
     if runs < MIN_RUNS:
         raise DeployError(f"--runs {runs}: the protocol needs at least {MIN_RUNS} runs")
     torch.set_num_threads(threads)
     etvm.set_num_threads(threads)
+    arts = [_loaded(Path(p), threads, runs) for p in paths]
+    models = models or {}
+    local = [a for a in arts if a["not_here"] is None]
+    if len(arts) == 2 and len(local) == 2 and arts[0]["input"] == arts[1]["input"]:
+        _time_pair(arts, models, runs, threads)
+    else:
+        for a in arts:
+            _time_one(a, models, runs, threads, rpc_tracker, rpc_key)
+            if len(arts) > 1:
+                a["rec"]["paired"] = False
     results = []
-    for art in map(Path, paths):
-        manifest = run.load_manifest(art)
-        try:
-            target = Target(**{k: v for k, v in manifest["target"].items()})
-        except TypeError as e:  # a hand-edited target: unknown or missing key
-            raise DeployError(f"{art / 'manifest.json'}: malformed manifest: target: {e}") from None
-        inp = manifest["input"]
-        x = np.random.default_rng(0).standard_normal(inp["shape"]).astype(inp["dtype"])
-        lib, name = art / manifest["library"], target.name
-        if run.sha256(lib) != manifest["sha256"]:
-            raise DeployError(f"{lib}: sha256 does not match manifest.json")
-        rec: dict[str, Any] = {"artifact": str(art), "target": name, "precision": manifest["precision"],
-                               "threads": threads, "runs": runs, "latency_ms": {}}
-        not_here = etvm.runnable_here(target)
-        if not_here is None:
-            rec["latency_ms"][f"{name}-tvm"] = time_tvm(lib, x, runs, manifest.get("device", "cpu"))
-            rec["latency_ms"][f"{name}-ort"] = time_ort(art / manifest["onnx"], x, runs, threads)
-            if models and str(art) in models:
-                rec["latency_ms"][f"{name}-torch"] = time_torch(models[str(art)], x, runs)
-        elif rpc_tracker:
-            key = rpc_key or target.rpc_key or name
-            rec["latency_ms"][f"{name}-tvm"] = time_tvm_rpc(lib, x, rpc_tracker, key, runs,
-                                                            manifest.get("device", "cpu"))
-        else:
-            rec["skipped"] = not_here
+    for a in arts:
+        rec = a["rec"]
         rec["latency_ms"] = {k: round(v, 4) for k, v in rec["latency_ms"].items()}
         if write:
-            write_text_atomic(art / "bench.json", json.dumps(rec, indent=1))
+            write_text_atomic(a["dir"] / "bench.json", json.dumps(rec, indent=1))
         results.append(rec)
     return {"results": results}
+
+
+def _loaded(art: Path, threads: int, runs: int) -> dict[str, Any]:
+    """An artifact checked against its manifest, with its input and an empty record."""
+    manifest = run.load_manifest(art)
+    try:
+        target = Target(**{k: v for k, v in manifest["target"].items()})
+    except TypeError as e:  # a hand-edited target: unknown or missing key
+        raise DeployError(f"{art / 'manifest.json'}: malformed manifest: target: {e}") from None
+    inp = manifest["input"]
+    lib = art / manifest["library"]
+    if run.sha256(lib) != manifest["sha256"]:
+        raise DeployError(f"{lib}: sha256 does not match manifest.json")
+    rec: dict[str, Any] = {"artifact": str(art), "target": target.name, "precision": manifest["precision"],
+                           "threads": threads, "runs": runs, "latency_ms": {}}
+    return {"dir": art, "target": target, "lib": lib, "onnx": art / manifest["onnx"], "device":
+            manifest.get("device", "cpu"), "input": (tuple(inp["shape"]), inp["dtype"]),
+            "x": np.random.default_rng(0).standard_normal(inp["shape"]).astype(inp["dtype"]),
+            "not_here": etvm.runnable_here(target), "rec": rec}
+
+
+def _time_one(a: dict[str, Any], models: dict[str, nn.Module], runs: int, threads: int, rpc_tracker: str | None,
+              rpc_key: str | None) -> None:
+    name, lat, x = a["target"].name, a["rec"]["latency_ms"], a["x"]
+    if a["not_here"] is None:
+        lat[f"{name}-tvm"] = time_tvm(a["lib"], x, runs, a["device"])
+        lat[f"{name}-ort"] = time_ort(a["onnx"], x, runs, threads)
+        if str(a["dir"]) in models:
+            lat[f"{name}-torch"] = time_torch(models[str(a["dir"])], x, runs)
+    elif rpc_tracker:
+        key = rpc_key or a["target"].rpc_key or name
+        lat[f"{name}-tvm"] = time_tvm_rpc(a["lib"], x, rpc_tracker, key, runs, a["device"])
+    else:
+        a["rec"]["skipped"] = a["not_here"]
+
+
+def _time_pair(arts: list[dict[str, Any]], models: dict[str, nn.Module], runs: int, threads: int) -> None:
+    """Baseline (first) and compact (second) timed interleaved, runtime by runtime, on the same input."""
+    (a, b), x = arts, arts[0]["x"]
+    pairs = {"tvm": lambda: time_tvm_pair(a["lib"], b["lib"], x, runs, a["device"]),
+             "ort": lambda: time_ort_pair(a["onnx"], b["onnx"], x, runs, threads)}
+    if str(a["dir"]) in models and str(b["dir"]) in models:
+        pairs["torch"] = lambda: time_torch_pair(models[str(a["dir"])], models[str(b["dir"])], x, runs)
+    speedup = {}
+    for runtime, timed in pairs.items():
+        ms_a, ms_b = timed()
+        key_a, key_b = f"{a['target'].name}-{runtime}", f"{b['target'].name}-{runtime}"
+        a["rec"]["latency_ms"][key_a] = ms_a
+        b["rec"]["latency_ms"][key_b] = ms_b
+        b["rec"]["latency_ms"][f"{key_b}-baseline"] = ms_a
+        speedup[key_b] = round(ms_a / ms_b, 3)
+    b["rec"]["measured_speedup"] = speedup
+    for art in arts:
+        art["rec"]["paired"] = True
 
 
 def time_tvm_pair(lib_a: Path, lib_b: Path, x: np.ndarray, runs: int = MIN_RUNS,
