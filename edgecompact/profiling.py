@@ -73,6 +73,8 @@ def layer_module(key: LayerKey, c_in: int, c_out: int) -> tuple[tvm.IRModule, li
 
     A conv is conv2d + bias + ReLU and a linear layer matmul + bias, as they appear after ONNX export with
     BatchNorm folded; the default pipeline fuses the epilogue into the conv, as it does in a whole model.
+    A depthwise or grouped conv has the groups and c_in that follow `c_out` (LayerKey.conv_groups and
+    in_channels).
     """
     if key.precision not in DTYPES:
         raise ConfigError(f"precision '{key.precision}': profiling supports {', '.join(DTYPES)} only")
@@ -81,17 +83,15 @@ def layer_module(key: LayerKey, c_in: int, c_out: int) -> tuple[tvm.IRModule, li
     if key.op == "linear":
         shapes = [(1, c_in), (c_out, c_in), (c_out,)]
     else:
-        c_in = c_out if key.depthwise else c_in
-        shapes = [(1, c_in, *key.in_hw), (c_out, 1 if key.depthwise else c_in, *key.kernel), (c_out,)]
+        c_in, groups = key.in_channels(c_in, c_out), key.conv_groups(c_out)
+        shapes = [(1, c_in, *key.in_hw), (c_out, c_in // groups, *key.kernel), (c_out,)]
     x, w, b = (relax.Var(n, relax.TensorType(s, dtype)) for n, s in zip("xwb", shapes))
     with bb.function("main", [x, w, b]):
         with bb.dataflow():
             if key.op == "linear":
                 y = bb.emit(relax.op.add(relax.op.matmul(x, relax.op.permute_dims(w)), b))
             else:
-                conv = relax.op.nn.conv2d(
-                    x, w, strides=key.stride, padding=_padding(key), groups=c_out if key.depthwise else 1
-                )
+                conv = relax.op.nn.conv2d(x, w, strides=key.stride, padding=_padding(key), groups=groups)
                 y = bb.emit(relax.op.nn.relu(relax.op.add(conv, relax.op.reshape(b, (1, c_out, 1, 1)))))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
@@ -116,6 +116,8 @@ def onnx_layer_model(key: LayerKey, c_in: int, c_out: int) -> tuple[onnx.ModelPr
 
     A conv is Conv (with bias) + Relu and a linear layer Gemm (transB, with bias), as they appear after ONNX
     export with BatchNorm folded; onnxruntime's graph optimizer fuses the Relu into the conv, as in a model.
+    A depthwise or grouped conv has the groups and c_in that follow `c_out` (LayerKey.conv_groups and
+    in_channels).
     """
     if key.precision != "fp32":
         raise ConfigError(f"precision '{key.precision}': onnxruntime profiling supports fp32 only")
@@ -124,9 +126,9 @@ def onnx_layer_model(key: LayerKey, c_in: int, c_out: int) -> tuple[onnx.ModelPr
         x_shape, w_shape, out_shape = (1, c_in), (c_out, c_in), (1, c_out)
         nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)]
     else:
-        c_in = c_out if key.depthwise else c_in
+        c_in, groups = key.in_channels(c_in, c_out), key.conv_groups(c_out)
         x_shape = (1, c_in, *key.in_hw)
-        w_shape, out_shape = (c_out, 1 if key.depthwise else c_in, *key.kernel), (1, c_out, *key.out_hw)
+        w_shape, out_shape = (c_out, c_in // groups, *key.kernel), (1, c_out, *key.out_hw)
         conv = helper.make_node(
             "Conv",
             ["x", "w", "b"],
@@ -134,7 +136,7 @@ def onnx_layer_model(key: LayerKey, c_in: int, c_out: int) -> tuple[onnx.ModelPr
             kernel_shape=list(key.kernel),
             strides=list(key.stride),
             pads=list(_padding(key)),
-            group=c_out if key.depthwise else 1,
+            group=groups,
         )
         nodes = [conv, helper.make_node("Relu", ["conv"], ["y"])]
     weights = [
@@ -264,7 +266,7 @@ def profile(
             table, grid if grid is not None else layer_grid(structure, target.precision, target.channel_multiple)
         )
         todo = [
-            (key, i, j, ci, co)
+            (key, i, j, key.in_channels(ci, co), co)
             for key, e in table.entries.items()
             for i, j, ci, co in e.points()
             if e.ms[i][j] is None

@@ -9,11 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from edgecompact.cost.latency import Entry, LatencyTable, LayerKey, default_table_path, layer_grid
+from edgecompact.cost.latency import (
+    Entry,
+    LatencyTable,
+    LayerKey,
+    default_table_path,
+    group_grid,
+    layer_grid,
+)
 from edgecompact.cost.model import table_for
 from edgecompact.cost.roofline import roofline_ms, roofline_table
 from edgecompact.errors import ConfigError
-from edgecompact.structure import Layer, Structure
+from edgecompact.structure import Layer, Structure, analyze
 from edgecompact.targets import get_target
 
 HOST = get_target("host")
@@ -67,6 +74,61 @@ def test_grid_spans_one_eighth_to_full_width_per_kind():
         [8, 16, 24, 32],
         [10],
     )
+
+
+def _grouped_net() -> nn.Sequential:
+    """A ResNeXt-style grouped 3x3 conv (32 -> 64: 4 groups of 8 -> 16) between dense convs, BN, ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+
+
+def test_grouped_conv_is_keyed_by_its_channels_per_group_and_gridded_in_whole_groups():
+    s = analyze(_grouped_net(), (3, 16, 16))
+    grouped = s.layers[2]
+    assert grouped.groups == 4 and not grouped.depthwise
+    key = LayerKey.of(grouped, "fp32", 32, 64)
+    assert str(key) == "conv2d k3x3 s1x1 g8x16 16x16->16x16 fp32" and LayerKey.parse(str(key)) == key
+    assert key.per_group == (8, 16) and key.one_axis
+    assert LayerKey.of(grouped, "fp32", 16, 32) == key  # slimmed to 2 groups: the same kind
+    assert str(LayerKey.of(s.layers[0], "fp32")) == "conv2d k3x3 s1x1 dense 16x16->16x16 fp32"
+    with pytest.raises(ValueError, match="not whole groups"):
+        key.conv_groups(24)
+    for multiple, outs in [(1, [16, 32, 48, 64]), (8, [16, 32, 48, 64]), (32, [32, 64])]:
+        grid = layer_grid(s, "fp32", multiple)
+        assert grid[key] == ([], outs)  # one axis: c_in follows c_out, 8 per 16 output channels
+        assert [key.in_channels(0, c) for c in outs] == [c // 2 for c in outs]
+        assert [str(k).split()[3] for k in grid if k.op == "conv2d"] == ["dense", "g8x16", "dense"]
+    # without a channel multiple, fractions of the groups (ResNeXt-50's 32 groups of 4 -> 4)
+    assert group_grid(128, 4) == [16, 32, 64, 96, 128]
+    assert group_grid(128, 4, multiple=8) == list(range(8, 129, 8))
+
+
+def test_predict_prices_a_grouped_conv_from_its_own_entry():
+    s = analyze(_grouped_net(), (3, 16, 16))
+    grouped = s.layers[2]
+    key = LayerKey.of(grouped, "fp32", 32, 64)
+    dense_twin = LayerKey.parse("conv2d k3x3 s1x1 dense 16x16->16x16 fp32")  # the stem's kind, same shape
+    table = _table(s, lambda k, ci, co: co / 16 if k == key else 100.0 + ci + co)
+    entry = table.entries[key]
+    assert entry.c_in == [] and entry.c_out == [16, 32, 48, 64] and entry.ms == [[1.0, 2.0, 3.0, 4.0]]
+    assert dense_twin in table.entries and table.layer_ms(grouped, 16, 32) == 2.0  # its entry, not the twin's
+    table.entries[key] = Entry([], [16, 64], [[1.0, 4.0]])  # between grid points: along its one axis
+    assert table.layer_ms(grouped, 24, 48) == pytest.approx(3.0)
+    table.entries[key] = entry
+    two_groups = {**s.baseline_widths(), grouped.in_parts[0]: 2}
+    assert [(ci, co) for layer, ci, co in s.channels(two_groups) if layer is grouped] == [(16, 32)]
+    others = sum(
+        table.layer_ms(layer, ci, co)
+        for layer, ci, co in s.channels(two_groups)
+        if layer.op != "batchnorm" and layer is not grouped
+    )
+    assert table.predict(s, two_groups) == pytest.approx(others + 2.0)
+    del table.entries[key]
+    with pytest.raises(ConfigError, match=r"layer '3' \(conv2d k3x3 s1x1 g8x16 16x16->16x16 fp32\)"):
+        table.predict(s, s.baseline_widths())
 
 
 def test_interpolation_is_exact_at_grid_points_and_for_bilinear_latency():
@@ -248,11 +310,15 @@ def test_roofline_flops_match_torch_flop_counter():
     for conv, hw in [
         (nn.Conv2d(12, 24, 3, stride=2, padding=1, bias=False), 16),
         (nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False), 8),
+        (nn.Conv2d(32, 64, 3, padding=1, groups=4, bias=False), 8),  # grouped: 4x fewer FLOPs than dense
     ]:
         y = conv(torch.randn(1, conv.in_channels, hw, hw))
-        key = LayerKey(
-            "conv2d", conv.kernel_size, conv.stride, conv.groups > 1, (hw, hw), tuple(y.shape[2:]), "fp32"
-        )
+        per_group = None
+        if 1 < conv.groups < conv.in_channels:
+            per_group = (conv.in_channels // conv.groups, conv.out_channels // conv.groups)
+        depthwise = conv.groups == conv.in_channels > 1
+        shape = (hw, hw), tuple(y.shape[2:])
+        key = LayerKey("conv2d", conv.kernel_size, conv.stride, depthwise, *shape, "fp32", per_group)
         ms = roofline_ms(key, conv.in_channels, conv.out_channels, peak_gflops=1.0, peak_gbps=1e9)
         assert ms == pytest.approx(torch_flops(conv, (conv.in_channels, hw, hw)) / 1e9 * 1e3, rel=1e-9)
     # memory-bound: 1x1 conv on a big map at 1 GB/s: (input + weight + output) * 4 bytes

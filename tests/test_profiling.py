@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from edgecompact import rpc as ec_rpc
-from edgecompact.cost.latency import LatencyTable, LayerKey
+from edgecompact.cost.flops import layer_flops
+from edgecompact.cost.latency import LatencyTable, LayerKey, layer_grid
 from edgecompact.errors import ConfigError
 from edgecompact.profiling import STATISTIC, layer_module, onnx_layer_model, profile
-from edgecompact.structure import Layer, Structure
+from edgecompact.structure import Layer, Structure, analyze, slim
+from edgecompact.structure_check import check_net, random_keep, randomize_bn, torch_flops
 from edgecompact.targets import get_target
 
 HOST = get_target("host")
@@ -40,6 +42,7 @@ LAYERS = [
     ("conv2d k3x3 s2x2 dense 9x9->5x5 fp32", 4, 6),
     ("conv2d k1x1 s2x2 dense 8x8->4x4 fp32", 4, 6),
     ("conv2d k3x3 s2x2 dw 8x8->4x4 fp32", 6, 6),
+    ("conv2d k3x3 s2x2 g4x8 9x9->5x5 fp32", 12, 24),  # grouped: 3 groups of 4 -> 8
     ("linear fp32", 7, 3),
 ]
 
@@ -50,7 +53,7 @@ def _torch_layer(key: LayerKey, x: np.ndarray, w: np.ndarray, b: np.ndarray) -> 
     if key.op == "linear":
         return torch.nn.functional.linear(x, w, b).numpy()
     pad = key.kernel[0] // 2
-    groups = w.shape[0] if key.depthwise else 1
+    groups = x.shape[1] // w.shape[1]  # from the tensors: depthwise and grouped convs alike
     return torch.relu(
         torch.nn.functional.conv2d(x, w, b, stride=key.stride, padding=pad, groups=groups)
     ).numpy()
@@ -86,6 +89,67 @@ def test_layer_module_computes_the_layer_as_torch_does(key, c_in, c_out):
     want = _torch_layer(key, *args)
     assert got.shape == want.shape and tuple(want.shape[2:]) == (key.out_hw if key.op != "linear" else ())
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _grouped_net() -> torch.nn.Sequential:
+    """A ResNeXt-style grouped 3x3 conv (32 -> 64: 4 groups of 8 -> 16) between dense convs, BN, ReLU."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+
+
+def test_grouped_conv_slims_in_whole_groups_as_masking_does():
+    checks = check_net(_grouped_net(), (3, 16, 16), seed=3, onnx=False)
+    assert checks["slim_equals_mask"] and checks["flops_equal_torch"] and checks["params_equal"]
+
+
+def test_layer_graphs_of_a_grouped_conv_are_the_slimmed_torch_conv():
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = randomize_bn(_grouped_net())
+    s = analyze(model, (3, 16, 16))
+    layer, keep = s.layers[2], random_keep(s, seed=5)
+    conv = slim(model, s, keep)[3]  # the grouped conv as slimming leaves it: 2 of its 4 groups
+    c_in, c_out = conv.in_channels, conv.out_channels
+    assert (c_in, c_out, conv.groups) == (16, 32, 2)
+    key = LayerKey.of(layer, "fp32", c_in, c_out)
+    onnx_model, feeds = onnx_layer_model(key, 0, c_out)  # c_in follows c_out
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx_model.graph.initializer}
+    assert weights["w"].shape == tuple(conv.weight.shape) == (32, 8, 3, 3)
+    assert feeds["x"].shape == (1, c_in, 16, 16)
+    assert [a.i for a in onnx_model.graph.node[0].attribute if a.name == "group"] == [conv.groups]
+    flops = 2 * weights["w"].size * 16 * 16
+    assert flops == torch_flops(conv, (c_in, 16, 16)) == layer_flops(layer, c_in, c_out)
+    _, args = layer_module(key, 0, c_out)
+    assert args[0].shape == feeds["x"].shape and args[1].shape == weights["w"].shape
+    # the one-layer graph with the slimmed conv's own weights computes that conv (+ ReLU)
+    onnx_model.graph.initializer[0].CopyFrom(numpy_helper.from_array(conv.weight.detach().numpy(), "w"))
+    onnx_model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.zeros(c_out, np.float32), "b"))
+    got = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )[0]
+    with torch.no_grad():
+        want = torch.relu(conv(torch.from_numpy(feeds["x"]))).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_onnxruntime_profile_of_a_grouped_conv_measures_whole_groups_and_predicts_from_them(tmp_path):
+    s = analyze(_grouped_net(), (3, 16, 16))
+    grouped = s.layers[2]
+    key = LayerKey.of(grouped, "fp32", 32, 64)
+    seen = []
+    grid = {key: layer_grid(s, "fp32", HOST.channel_multiple)[key]}  # the grouped kind alone: 4 points
+    table = profile(s, HOST, tmp_path / "g.json", grid=grid, runtime="onnxruntime", progress=False,
+                    on_measure=lambda k, ci, co, ms: seen.append((str(k), ci, co)))
+    assert seen == [(str(key), 8 * n, 16 * n) for n in (1, 2, 3, 4)]  # c_in follows c_out, whole groups
+    entry = LatencyTable.load(tmp_path / "g.json", HOST).entries[key]
+    assert entry.c_in == [] and entry.c_out == [16, 32, 48, 64] and all(v > 0 for v in entry.ms[0])
+    for j, c_out in enumerate(entry.c_out):
+        assert table.layer_ms(grouped, c_out // 2, c_out) == pytest.approx(entry.ms[0][j])
 
 
 @pytest.mark.parametrize("runtime", ["tvm", "onnxruntime"])

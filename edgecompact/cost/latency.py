@@ -1,7 +1,8 @@
 """LatencyTable: measured (or roofline-estimated) layer latency of one target, and predictions from it.
 
-A table holds, per layer kind and shape (op, kernel, stride, depthwise or not, input/output HxW, precision),
-milliseconds on a grid of (c_in, c_out) widths (one axis for depthwise convs), interpolated bilinearly.
+A table holds, per layer kind and shape (op, kernel, stride, dense, depthwise or grouped with its channels
+per group, input/output HxW, precision), milliseconds on a grid of (c_in, c_out) widths (one axis for
+depthwise and grouped convs, whose c_in follows c_out), interpolated bilinearly.
 It records where its numbers come from and refuses to serve another target. It never measures anything:
 edgecompact.profiling fills tables, edgecompact.cost.roofline estimates them, edgecompact.cost.model picks
 one of the two for a search.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +45,20 @@ class LayerKey:
     in_hw: tuple[int, int]
     out_hw: tuple[int, int]
     precision: str
+    # (in, out) channels per group of a grouped, non-depthwise conv; None for dense and depthwise layers.
+    # Slimming removes whole groups, so these stay fixed and c_in follows c_out.
+    per_group: tuple[int, int] | None = None
 
     @classmethod
-    def of(cls, layer: Layer, precision: str) -> LayerKey:
+    def of(cls, layer: Layer, precision: str, c_in: int = 0, c_out: int = 0) -> LayerKey:
+        """The key of `layer`; a grouped conv's needs one of its (c_in, c_out) widths, any (its channels per
+        group are the same at every width)."""
+        per_group = None
+        if layer.op == "conv2d" and layer.groups > 1 and not layer.depthwise:
+            if c_in <= 0 or c_out <= 0:
+                raise ValueError(f"grouped conv '{layer.name}': its key needs its widths (c_in, c_out)")
+            per_out = layer.out_channels // layer.groups
+            per_group = (c_in // (c_out // per_out), per_out)
         return cls(
             layer.op,
             tuple(layer.kernel),
@@ -54,13 +67,38 @@ class LayerKey:
             tuple(layer.in_hw),
             tuple(layer.out_hw),
             precision,
+            per_group,
         )
+
+    @property
+    def one_axis(self) -> bool:
+        """Whether c_in follows c_out (depthwise and grouped convs): the table has a c_out axis only."""
+        return self.depthwise or self.per_group is not None
+
+    def conv_groups(self, c_out: int) -> int:
+        """The conv's groups at `c_out` output channels: 1 (dense), c_out (depthwise) or whole groups."""
+        if self.depthwise:
+            return c_out
+        if self.per_group is None:
+            return 1
+        if c_out % self.per_group[1]:
+            raise ValueError(f"{self}: {c_out} output channels are not whole groups of {self.per_group[1]}")
+        return c_out // self.per_group[1]
+
+    def in_channels(self, c_in: int, c_out: int) -> int:
+        """The input channels at (c_in, c_out): `c_in`, unless c_in follows c_out (`one_axis`)."""
+        if self.depthwise:
+            return c_out
+        return self.conv_groups(c_out) * self.per_group[0] if self.per_group else c_in
 
     def __str__(self) -> str:
         if self.op == "linear":
             return f"linear {self.precision}"
         k, s, i, o = self.kernel, self.stride, self.in_hw, self.out_hw
-        kind = "dw" if self.depthwise else "dense"
+        if self.per_group:
+            kind = f"g{self.per_group[0]}x{self.per_group[1]}"
+        else:
+            kind = "dw" if self.depthwise else "dense"
         return f"conv2d k{k[0]}x{k[1]} s{s[0]}x{s[1]} {kind} {i[0]}x{i[1]}->{o[0]}x{o[1]} {self.precision}"
 
     @classmethod
@@ -68,30 +106,39 @@ class LayerKey:
         parts = text.split()
         if parts[0] == "linear" and len(parts) == 2:
             return cls("linear", (1, 1), (1, 1), False, (1, 1), (1, 1), parts[1])
-        if parts[0] != "conv2d" or len(parts) != 6 or parts[3] not in ("dw", "dense"):
+        grouped = len(parts) == 6 and re.fullmatch(r"g[1-9]\d*x[1-9]\d*", parts[3])
+        if parts[0] != "conv2d" or len(parts) != 6 or not (grouped or parts[3] in ("dw", "dense")):
             raise ValueError(f"not a layer key: {text!r}")
         i, o = parts[4].split("->")
         return cls(
-            "conv2d", _pair(parts[1][1:]), _pair(parts[2][1:]), parts[3] == "dw", _pair(i), _pair(o), parts[5]
+            "conv2d",
+            _pair(parts[1][1:]),
+            _pair(parts[2][1:]),
+            parts[3] == "dw",
+            _pair(i),
+            _pair(o),
+            parts[5],
+            _pair(parts[3][1:]) if grouped else None,
         )
 
 
 @dataclass
 class Entry:
-    """Latency grid of one LayerKey. Depthwise convs have `c_in == []` (c_in follows c_out)."""
+    """Latency grid of one LayerKey. Depthwise and grouped convs have `c_in == []` (c_in follows c_out)."""
 
     c_in: list[int]
     c_out: list[int]
     ms: list[
         list[float | None]
-    ]  # ms[i][j] at (c_in[i], c_out[j]); one row when depthwise; None = not measured
+    ]  # ms[i][j] at (c_in[i], c_out[j]); one row when c_in follows c_out; None = not measured
 
     @classmethod
     def empty(cls, c_in: list[int], c_out: list[int]) -> Entry:
         return cls(list(c_in), list(c_out), [[None] * len(c_out) for _ in range(max(1, len(c_in)))])
 
     def points(self) -> list[tuple[int, int, int, int]]:
-        """(i, j, c_in, c_out) of every grid point; depthwise points have c_in == c_out."""
+        """(i, j, c_in, c_out) of every grid point; without a c_in axis, c_in == c_out (the key's
+        `in_channels` says what c_in follows c_out to)."""
         rows = self.c_in or [None]
         return [
             (i, j, ci if ci is not None else co, co)
@@ -190,7 +237,7 @@ class LatencyTable:
         """Latency of `layer` at these widths: bilinear between grid points, linear (clamped >= 0) outside."""
         if layer.op == "batchnorm":
             return 0.0
-        key = LayerKey.of(layer, self.provenance.get("precision", "fp32"))
+        key = LayerKey.of(layer, self.provenance.get("precision", "fp32"), c_in, c_out)
         entry = self.entries.get(key)
         where = self.path or "latency table"
         if entry is None:
@@ -333,24 +380,41 @@ def width_grid(full: int, multiple: int = 1, fixed: int = 0) -> list[int]:
     )
 
 
+def group_grid(c_out: int, per_group: int, multiple: int = 1) -> list[int]:
+    """Grid widths of a grouped conv's `c_out` output channels, in whole groups of `per_group` (slimming
+    removes whole groups): with a channel multiple, every width that is a multiple of both; without one,
+    GRID_FRACTIONS of its groups."""
+    groups = c_out // per_group
+    if multiple > 1:
+        step = math.lcm(multiple, per_group) // per_group
+        return sorted({per_group * min(groups, n) for n in range(step, groups + step, step)})
+    return [per_group * n for n in width_grid(groups)]
+
+
 def layer_grid(
     structure: Structure, precision: str, multiple: int = 1
 ) -> dict[LayerKey, tuple[list[int], list[int]]]:
     """(c_in axis, c_out axis) of every distinct layer kind of `structure`'s search space.
 
-    Layers sharing a kind share one grid (the union of their axes). Depthwise convs get an empty c_in axis.
+    Layers sharing a kind share one grid (the union of their axes). Depthwise and grouped convs get an empty
+    c_in axis; a grouped conv's c_out axis is whole groups (`group_grid`).
     """
     axes: dict[LayerKey, tuple[set[int], set[int]]] = {}
     for layer, c_in, c_out in structure.channels(structure.baseline_widths()):
         if layer.op == "batchnorm":
             continue
-        key = LayerKey.of(layer, precision)
+        key = LayerKey.of(layer, precision, c_in, c_out)
         fixed_in = sum(p * m for p, m in zip(layer.in_parts, layer.in_multiplier) if not isinstance(p, str))
         mult_in = max(
             [m for p, m in zip(layer.in_parts, layer.in_multiplier) if isinstance(p, str)], default=1
         )
-        ins = set() if layer.depthwise else set(width_grid(c_in, multiple * mult_in, fixed_in))
-        outs = set(width_grid(c_out, multiple) if layer.out_groups else [c_out])
+        ins = set() if key.one_axis else set(width_grid(c_in, multiple * mult_in, fixed_in))
+        if not layer.out_groups:
+            outs = {c_out}
+        elif key.per_group:
+            outs = set(group_grid(c_out, key.per_group[1], multiple))
+        else:
+            outs = set(width_grid(c_out, multiple))
         got = axes.setdefault(key, (set(), set()))
         got[0].update(ins)
         got[1].update(outs)

@@ -18,9 +18,8 @@ BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
 def roofline_ms(key: LayerKey, c_in: int, c_out: int, peak_gflops: float, peak_gbps: float) -> float:
     """Roofline time of one conv/linear layer: FLOPs = 2 x MACs; bytes = input + weights + output."""
     (kh, kw), (ih, iw), (oh, ow) = key.kernel, key.in_hw, key.out_hw
-    if key.depthwise:
-        c_in = c_out
-    per_out = (1 if key.depthwise else c_in) * kh * kw
+    c_in = key.in_channels(c_in, c_out)
+    per_out = c_in // key.conv_groups(c_out) * kh * kw
     flops = 2.0 * per_out * c_out * oh * ow
     elements = c_in * ih * iw + per_out * c_out + c_out * oh * ow
     seconds = max(
