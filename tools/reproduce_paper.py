@@ -64,7 +64,8 @@ CPU = [("flops", CPU_COMMON + ["--out", str(BENCH / "methods.json")]),
 # Every other table the README quotes, by the command that writes it (`--all`), in README order.
 README_TABLES = [
     ["tools/bench_predictor.py", "--runtime", "onnxruntime", "--n", "90", "--write-correction"],
-    ["tools/bench_predictor.py", "--runtime", "onnxruntime", "--n", "90", "--drop-blocks", "--out", "predictor_depth"],
+    ["tools/bench_predictor.py", "--runtime", "onnxruntime", "--settings", "resnet20@1x28x28,resnet32@3x32x32",
+     "--drop-blocks", "--n", "600", "--out", "predictor_depth", "--reuse"],
     ["tools/bench_precision.py", "--emulate", "EPYC-Rome"],
     ["tools/bench_baselines.py", "--train"],
     ["tools/bench_deploy.py", "--model", "resnet32", "--input-size", "32", "--arch-from",
