@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from edgecompact.budget import fit_scores, within
+from edgecompact.errors import BudgetError
 from edgecompact.storage import read_json, write_text_atomic
 from edgecompact.structure import Structure, slim, widths_of
 
@@ -93,14 +94,15 @@ class LoopContext(Protocol):
     def state_path(self, name: str) -> Path | None: ...
 
 
-def close_loop(ctx: LoopContext, keep: dict[str, list[int]],
-               scores: dict[str, torch.Tensor] | None) -> tuple[dict[str, list[int]], dict]:
+def close_loop(ctx: LoopContext, keep: dict[str, list[int]], scores: dict[str, torch.Tensor] | None,
+               refit: Callable[[float], dict[str, list[int]]] | None = None) -> tuple[dict[str, list[int]], dict]:
     """(the channels to keep, the measured side of the budget for metrics["budget"]).
 
     Round 1 times the method's own widths. While the measured ms miss the tolerance of the measured target (a
     relative budget: target / baseline cost x the baseline's ms of the same pair; an absolute one: its ms) and
-    rounds remain, the table target is corrected (`next_table_target`) and the widths are re-fitted from the
-    method's scores by `fit_scores` (the knapsack). The first round inside the tolerance is kept, else the closest one.
+    rounds remain, the table target is corrected (`next_table_target`) and the widths are re-fitted: by the
+    method's own rule where it gives one (`refit`: the controls' single multiplier), else from its scores by
+    `fit_scores` (the knapsack). The first round inside the tolerance is kept, else the closest one.
     A budget on another metric: (keep, {}). Without a measurement: (keep, {"measured": False, ...why}).
     """
     if ctx.budget.metric != "latency":
@@ -118,12 +120,16 @@ def close_loop(ctx: LoopContext, keep: dict[str, list[int]],
     table_target, rule = ctx.target_cost, ""
     for k in range(ctx.measure_rounds):
         if k:
-            if scores is None:
+            if scores is None and refit is None:
                 stop = "the method gives no channel scores to re-fit from"
                 break
             table_target, rule = next_table_target(rounds)
-            keep = fit_scores(ctx.structure, scores, ctx.cost, table_target, tol, ctx.channel_multiple,
-                              metric="latency")
+            try:  # the method's own fitting rule if it has one (the controls stay uniform), else the knapsack
+                keep = refit(table_target) if refit is not None else fit_scores(
+                    ctx.structure, scores, ctx.cost, table_target, tol, ctx.channel_multiple, metric="latency")
+            except BudgetError as e:
+                stop = f"the re-fit cannot land on {table_target:.4f} ms: {e}"
+                break
             if keep in keeps:
                 stop = "the re-fit gives widths already timed"
                 break

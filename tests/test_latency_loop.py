@@ -210,3 +210,25 @@ def test_a_refit_keeps_the_blocks_uniform_depth_scratch_removed(make_context):
     wider = fit_to_budget(ctx.structure, p.scores, ctx.cost, 0.95 * ctx.baseline_cost, ctx.budget.tolerance)
     assert {g for g, kept in wider.items() if not kept} == removed
     assert all(len(wider[g]) >= len(p.keep[g]) for g in wider) and wider != p.keep
+
+
+@pytest.mark.parametrize("name", ["uniform-scratch", "uniform-depth-scratch"])
+def test_a_control_refitted_to_a_measured_latency_stays_a_control(make_context, name):
+    """The loop re-fits a control by its own rule: one width multiplier (after the same removed blocks), first
+    channels, at the corrected table target; the shared knapsack on its scores would allocate widths instead."""
+    from edgecompact.budget import fit_scores, fit_uniform
+
+    ctx = _latency_ctx(make_context, lambda p: 1.25 * p, drop_blocks=name == "uniform-depth-scratch")
+    p = get_method(name)(ctx)
+    keep, rec = close_loop(ctx, p.keep, p.scores, p.refit)
+    assert len(rec["rounds"]) == 2 and abs(rec["measured_error_pct"]) <= 100 * ctx.budget.tolerance
+    removed = {g for g, kept in p.keep.items() if not kept}
+    assert {g for g, kept in keep.items() if not kept} == removed
+    assert all(kept == list(range(len(kept))) for kept in keep.values())  # first channels
+    rest = {g: f for g, f in ctx.structure.groups.items() if g not in removed}
+    target = rec["rounds"][1]["table_target_ms"]
+    expected = fit_uniform(replace(ctx.structure, groups=rest, droppable={}),
+                           lambda w: ctx.cost({**w, **dict.fromkeys(removed, 0)}), target, ctx.budget.tolerance)
+    assert {g: len(k) for g, k in keep.items() if g in rest} == expected
+    knapsack = fit_scores(ctx.structure, p.scores, ctx.cost, target, ctx.budget.tolerance, metric="latency")
+    assert widths_of(knapsack) != widths_of(keep)  # what the loop did before controls carried their own rule

@@ -86,6 +86,9 @@ class Proposal:
     # per-channel importances over the baseline's channels, comparable across groups (what the method fitted the
     # budget with): the measured latency loop re-fits widths from them; None: the widths cannot be re-fitted
     scores: dict[str, torch.Tensor] | None = None
+    # how the method itself fits widths to a cost target (the controls: their one multiplier), so that a re-fit to
+    # a measured latency keeps the method's own rule; None: the shared allocation from `scores` (`fit_scores`)
+    refit: Callable[[float], dict[str, list[int]]] | None = None
 
 
 @dataclass
@@ -213,7 +216,7 @@ def run_method(name: str, ctx: SearchContext) -> SearchResult:
         raise ConfigError(f"--final {final}: choose {', '.join(FINALS)}")
     proposal = get_method(name)(ctx)
     check_widths(ctx.structure, widths_of(proposal.keep), ctx.channel_multiple)
-    keep, measured = close_loop(ctx, proposal.keep, proposal.scores)
+    keep, measured = close_loop(ctx, proposal.keep, proposal.scores, proposal.refit)
     if keep != proposal.keep:
         proposal = _refitted(proposal, keep)
     widths = widths_of(proposal.keep)

@@ -10,13 +10,15 @@ method (baseline + search + fine-tune): Liu et al.'s Scratch-E, the control a us
 evenly in every stage (the last droppable ones of each stage), then one width multiplier fitted to the budget,
 trained from scratch like `uniform-scratch`. Without `--set depth=F` it keeps F = (target / baseline cost)^(1/3)
 of each stage's droppable blocks, the cube-root split of compound scaling (cost ~ depth x width^2).
-Their scores (for a re-fit to a measured latency) keep the same order: first channels (uniform), the random draw
-(random), and removed blocks stay removed (uniform-depth-scratch).
+A re-fit to a measured latency (`Proposal.refit`) repeats each control's own rule at the corrected target: one
+multiplier, first channels (uniform), the same random order (random), the same removed blocks (uniform-depth-scratch);
+their scores keep that order for callers that allocate from scores.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -27,8 +29,14 @@ from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, par
 from edgecompact.structure import Structure
 
 
-def _uniform_widths(ctx: SearchContext) -> dict[str, int]:
-    return fit_uniform(ctx.structure, ctx.cost, ctx.target_cost, ctx.budget.tolerance, ctx.channel_multiple)
+def _uniform_widths(ctx: SearchContext, target: float | None = None) -> dict[str, int]:
+    return fit_uniform(ctx.structure, ctx.cost, ctx.target_cost if target is None else target, ctx.budget.tolerance,
+                       ctx.channel_multiple)
+
+
+def _uniform_refit(ctx: SearchContext) -> Callable[[float], dict[str, list[int]]]:
+    """A re-fit to a measured latency that stays a control: one multiplier again, first channels kept."""
+    return lambda target: _first(_uniform_widths(ctx, target))
 
 
 def _first(widths: dict[str, int]) -> dict[str, list[int]]:
@@ -52,7 +60,8 @@ def _first_scores(structure: Structure) -> dict[str, torch.Tensor]:
 def uniform(ctx: SearchContext) -> Proposal:
     widths = _uniform_widths(ctx)
     return Proposal(keep=_first(widths), source=copy_baseline(ctx), history=[{"widths": widths}],
-                    extra_finetune_epochs=ctx.search_epochs, final="inherit", scores=_first_scores(ctx.structure))
+                    extra_finetune_epochs=ctx.search_epochs, final="inherit", scores=_first_scores(ctx.structure),
+                    refit=_uniform_refit(ctx))
 
 
 @register_method("random")
@@ -60,17 +69,21 @@ def random(ctx: SearchContext) -> Proposal:
     widths = _uniform_widths(ctx)
     gen = torch.Generator().manual_seed(ctx.seed)
     order = {g: torch.randperm(ctx.structure.groups[g], generator=gen) for g in widths}
-    keep = {g: sorted(order[g][:w].tolist()) for g, w in widths.items()}
-    return Proposal(keep=keep, source=copy_baseline(ctx), history=[{"widths": widths}],
+
+    def drawn(widths: dict[str, int]) -> dict[str, list[int]]:
+        return {g: sorted(order[g][:w].tolist()) for g, w in widths.items()}
+
+    return Proposal(keep=drawn(widths), source=copy_baseline(ctx), history=[{"widths": widths}],
                     extra_finetune_epochs=ctx.search_epochs, final="inherit",
-                    scores={g: _in_order(o) for g, o in order.items()})
+                    scores={g: _in_order(o) for g, o in order.items()},
+                    refit=lambda target: drawn(_uniform_widths(ctx, target)))
 
 
 @register_method("uniform-scratch")
 def uniform_scratch(ctx: SearchContext) -> Proposal:
     widths = _uniform_widths(ctx)
     return Proposal(keep=_first(widths), source=copy_baseline(ctx), history=[{"widths": widths}], final="scratch",
-                    scores=_first_scores(ctx.structure))
+                    scores=_first_scores(ctx.structure), refit=_uniform_refit(ctx))
 
 
 def dropped_blocks(structure: Structure, keep_fraction: float) -> list[str]:
@@ -103,8 +116,12 @@ def uniform_depth_scratch(ctx: SearchContext) -> Proposal:
     def cost(widths: dict[str, int]) -> float:
         return ctx.cost({**widths, **zero})
 
-    widths = {**fit_uniform(rest, cost, ctx.target_cost, ctx.budget.tolerance, ctx.channel_multiple), **zero}
+    def fit(target: float) -> dict[str, int]:  # the same blocks stay removed; one multiplier on the rest
+        return {**fit_uniform(rest, cost, target, ctx.budget.tolerance, ctx.channel_multiple), **zero}
+
+    widths = fit(ctx.target_cost)
     # -inf: fit_to_budget never brings a removed block back
     scores = {**_first_scores(ctx.structure), **{g: torch.full((ctx.structure.groups[g],), -math.inf) for g in zero}}
     return Proposal(keep=_first(widths), source=copy_baseline(ctx), final="scratch", scores=scores,
+                    refit=lambda target: _first(fit(target)),
                     history=[{"widths": widths, "depth": round(depth, 4), "removed_blocks": removed}])
