@@ -187,7 +187,7 @@ def _time_pair(arts: list[dict[str, Any]], models: dict[str, nn.Module], runs: i
         pairs["torch"] = lambda: time_torch_pair(models[str(a["dir"])], models[str(b["dir"])], x, runs)
     speedup = {}
     for runtime, timed in pairs.items():
-        ms_a, ms_b = timed()
+        ms_a, ms_b = (round(v, 4) for v in timed())  # as stored: the speedup is the ratio of the record's ms
         key_a, key_b = f"{a['target'].name}-{runtime}", f"{b['target'].name}-{runtime}"
         a["rec"]["latency_ms"][key_a] = ms_a
         b["rec"]["latency_ms"][key_b] = ms_b
