@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from edgecompact.methods import run_method
@@ -67,3 +69,23 @@ def test_depth_control_refuses_a_model_without_removable_blocks(make_context):
 
     with pytest.raises(ConfigError, match="--drop-blocks"):
         run_method("uniform-depth-scratch", make_context("1/3x", scratch=_scratch_config(1)))
+
+
+def test_depth_control_goes_shallower_where_its_narrowest_widths_cannot_reach_the_budget(make_context, count_mflops):
+    """In steps of 16, ResNet-20 with two blocks of three per stage costs 31% of the FLOPs at its narrowest, so a
+    quarter is out of reach at the cube-root depth (0.63 -> two blocks kept): one block per stage is kept instead,
+    and the widths land on the budget (torch's FlopCounterMode as the truth)."""
+    from edgecompact.methods.base import get_method
+    from edgecompact.structure import slim
+
+    ctx = make_context("0.25x", drop_blocks=True, channel_multiple=16)
+    p = get_method("uniform-depth-scratch")(ctx)
+    h = p.history[0]
+    assert h["depth_lowered_from"] == pytest.approx(0.25 ** (1 / 3), abs=1e-3)
+    assert h["depth"] == pytest.approx(1 / 3, abs=1e-3)
+    assert h["removed_blocks"] == ["layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
+    model = slim(ctx.baseline, ctx.structure, p.keep)
+    assert abs(count_mflops(model, ctx) / (ctx.target_cost / 1e6) - 1) <= ctx.budget.tolerance
+    # a depth given with --set is kept as given
+    given = get_method("uniform-depth-scratch")(replace(ctx, options={"depth": "0.63"})).history[0]
+    assert given["removed_blocks"] == ["layer1.2", "layer2.2", "layer3.2"] and "depth_lowered_from" not in given

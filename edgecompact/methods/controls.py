@@ -18,12 +18,13 @@ their scores keep that order for callers that allocate from scores.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
-from edgecompact.budget import fit_uniform
+from edgecompact.budget import fit_uniform, min_widths
 from edgecompact.errors import ConfigError
 from edgecompact.methods.base import Proposal, SearchContext, copy_baseline, parse_options, register_method
 from edgecompact.structure import Structure
@@ -108,10 +109,11 @@ def uniform_depth_scratch(ctx: SearchContext) -> Proposal:
     depth = parse_options("uniform-depth-scratch", ctx.options, {"depth": default})["depth"]
     if not 0 <= depth <= 1:
         raise ConfigError(f"--set depth={depth:g}: expected a fraction in [0, 1]")
+    chosen = depth
+    if "depth" not in ctx.options:  # the cube-root split, shallower where the narrowest widths cannot reach the target
+        depth = reachable_depth(ctx, depth)
     removed = dropped_blocks(ctx.structure, depth)
-    zero = {g: 0 for b in removed for g in ctx.structure.blocks()[b]}
-    rest = replace(ctx.structure, groups={g: f for g, f in ctx.structure.groups.items() if g not in zero},
-                   droppable={})
+    zero, rest = _without(ctx.structure, removed)
 
     def cost(widths: dict[str, int]) -> float:
         return ctx.cost({**widths, **zero})
@@ -124,4 +126,25 @@ def uniform_depth_scratch(ctx: SearchContext) -> Proposal:
     scores = {**_first_scores(ctx.structure), **{g: torch.full((ctx.structure.groups[g],), -math.inf) for g in zero}}
     return Proposal(keep=_first(widths), source=copy_baseline(ctx), final="scratch", scores=scores,
                     refit=lambda target: _first(fit(target)),
-                    history=[{"widths": widths, "depth": round(depth, 4), "removed_blocks": removed}])
+                    history=[{"widths": widths, "depth": round(depth, 4), "removed_blocks": removed,
+                              **({"depth_lowered_from": round(chosen, 4)} if depth != chosen else {})}])
+
+
+def _without(structure: Structure, removed: list[str]) -> tuple[dict[str, int], Structure]:
+    """(the removed blocks' groups at width 0, the structure of what remains, with nothing more to remove)."""
+    zero = {g: 0 for b in removed for g in structure.blocks()[b]}
+    rest = replace(structure, groups={g: f for g, f in structure.groups.items() if g not in zero}, droppable={})
+    return zero, rest
+
+
+def reachable_depth(ctx: SearchContext, depth: float) -> float:
+    """`depth`, or the next shallower fraction of blocks kept per stage whose narrowest widths (one channel step
+    everywhere that remains) cost at most the target: a width multiplier can then land on it. On a latency table in
+    steps of 16 a third of ResNet-20's ms is out of reach with two blocks of three per stage, at any width."""
+    sizes = Counter(block.rpartition(".")[0] for block in ctx.structure.blocks())
+    steps = sorted({k / n for n in sizes.values() for k in range(n + 1)} | {depth}, reverse=True)
+    for fraction in (f for f in steps if f <= depth):
+        zero, rest = _without(ctx.structure, dropped_blocks(ctx.structure, fraction))
+        if ctx.cost({**min_widths(rest, ctx.channel_multiple), **zero}) <= ctx.target_cost:
+            return fraction
+    return 0.0
