@@ -51,6 +51,10 @@ def _fmt(metric: str, v: float) -> str:
 def parse_budget(text: str, metric: str | None = None, tolerance: float = 0.02) -> Budget:
     """Parse `1/3x` (or `1/3`), `0.33x`, `48M`, `1.2G`, `120k`, `12ms` into a Budget. `metric` defaults from the
     unit (ms -> latency); a fraction `a/b` is relative to the baseline, with or without the `x`."""
+    if metric is not None and metric not in METRICS:
+        raise ConfigError(f"--metric: unknown metric '{metric}' (choose {', '.join(METRICS)})")
+    if not 0 < tolerance < 1:
+        raise ConfigError(f"--tolerance: {tolerance} must be in (0, 1)")
     s = str(text).strip().lower()
     frac = re.fullmatch(r"([0-9]+)\s*/\s*([0-9]+)\s*x?", s)
     if frac:
@@ -60,10 +64,6 @@ def parse_budget(text: str, metric: str | None = None, tolerance: float = 0.02) 
         if num >= den:
             raise BudgetError(f"--budget: {text} is not below the baseline (use a fraction < 1)")
         return Budget(metric or "flops", num / den, True, tolerance)
-    if metric is not None and metric not in METRICS:
-        raise ConfigError(f"--metric: unknown metric '{metric}' (choose {', '.join(METRICS)})")
-    if not 0 < tolerance < 1:
-        raise ConfigError(f"--tolerance: {tolerance} must be in (0, 1)")
     m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(x|ms|k|m|g|)", s)
     if not m:
         raise ConfigError(f"--budget: cannot read '{text}' (examples: 1/3x, 0.33x, 48M, 120k, 12ms)")

@@ -35,6 +35,14 @@ def test_bad_budgets_name_the_argument(text, err):
         parse_budget(text)
 
 
+@pytest.mark.parametrize("text", ["1/3x", "1/3", "0.5x", "48M", "12ms"])
+def test_a_bad_tolerance_or_metric_is_refused_whatever_the_budget_form(text):
+    with pytest.raises(ConfigError, match="--tolerance"):
+        parse_budget(text, tolerance=2)
+    with pytest.raises(ConfigError, match="--metric"):
+        parse_budget(text, metric="energy")
+
+
 @pytest.fixture(scope="module")
 def r20():
     from edgecompact.cost.flops import arch_flops
