@@ -227,6 +227,14 @@ def _profile_table(structure: Structure, target, path: Path):
     return profile(structure, target, path)
 
 
+def search_latency_model(structure: Structure, target, profile: Path | None, *, needs_ms: bool,
+                         log=print) -> LatencyModel:
+    """The one latency model of a search: `profile`, the target's table for this CPU, or the labelled roofline;
+    where milliseconds decide (`needs_ms`: a latency budget, a latency-weighted method) a missing host table is
+    measured on first use."""
+    return latency_model(structure, target, profile, build=_profile_table if needs_ms else None, log=log)
+
+
 def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: bool = True,
                baseline_artifact: Path | None = None, rpc_tracker: str | None = None, rpc_key: str | None = None,
                command: str | None = None, log=print) -> dict:
@@ -261,7 +269,7 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
                         drop_blocks=spec.drop_blocks)
     # the one cost model of this search; measured on this CPU on first use where milliseconds decide
     needs_ms = budget.metric == "latency" or uses_latency(spec.method)
-    latency = latency_model(structure, target, profile, build=_profile_table if needs_ms else None, log=log)
+    latency = search_latency_model(structure, target, profile, needs_ms=needs_ms, log=log)
     _costs(structure, budget, latency, multiple)  # an impossible budget fails before any training
     prepare_run_dir(run_dir, spec, force)
     log(f"channel multiple {multiple} ({target.multiple_from})")

@@ -28,13 +28,12 @@ from pathlib import Path
 
 import torch
 
-from edgecompact.budget import parse_budget
-from edgecompact.cost.model import latency_model
+from edgecompact.budget import Budget, parse_budget
 from edgecompact.data import load_dataset
 from edgecompact.errors import ConfigError, UserError
 from edgecompact.methods import list_methods, run_method
 from edgecompact.models import create_model
-from edgecompact.pipeline import build_context, search_multiple
+from edgecompact.pipeline import build_context, search_latency_model, search_multiple
 from edgecompact.report import bench_document
 from edgecompact.structure import analyze
 from edgecompact.targets import get_target
@@ -294,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= a.distill <= 1:
         raise ConfigError(f"--distill {a.distill:g}: expected a weight in [0, 1]")
     options = method_options(a.set, known)
+    budget = parse_budget(a.budget, a.metric, a.tolerance)  # a bad --budget or --tolerance before any training
     # the multiple `edgecompact search` would use (pipeline.search_multiple)
     a.channel_multiple = search_multiple(get_target(a.target), a.channel_multiple,
                                          a.metric == "latency").channel_multiple
@@ -305,12 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         if a.fresh and not rows and a.out.is_file():
             a.out.unlink()
     for seed in a.seeds:
-        run_seed(a, seed, methods, options, search_epochs, proto, command)
+        run_seed(a, seed, budget, methods, options, search_epochs, proto, command)
     print(a.out.with_suffix(".md").read_text())
 
 
-def run_seed(a: argparse.Namespace, seed: int, methods: list[str], options: dict, search_epochs: int, proto: str,
-             command: str) -> None:
+def run_seed(a: argparse.Namespace, seed: int, budget: Budget, methods: list[str], options: dict,
+             search_epochs: int, proto: str, command: str) -> None:
     slug = f"{a.dataset.split(':')[0]}-{a.model}-{a.input_size or 'native'}-{a.limit or 'all'}-e{a.epochs}"
     work = (a.work_dir or ROOT / "runs" / "bench-methods" / slug) / f"s{seed}"
     # the trained baseline (work/baseline.pt) is shared by every budget; each budget's method runs live apart so
@@ -340,12 +340,10 @@ def run_seed(a: argparse.Namespace, seed: int, methods: list[str], options: dict
                            distill_alpha=a.distill)
     target, structure, latency = get_target(a.target), None, None
     if a.metric == "latency":  # as a search does: the table at the search's multiple, profiled here on first use
-        from edgecompact.profiling import profile
-
         target = search_multiple(target, a.channel_multiple, True)
         structure = analyze(baseline, shape[1:], a.model, drop_blocks=a.drop_blocks)
-        latency = latency_model(structure, target, a.profile, build=profile)
-    ctx = build_context(baseline, data, parse_budget(a.budget, a.metric, a.tolerance), profile=a.profile,
+        latency = search_latency_model(structure, target, a.profile, needs_ms=True)
+    ctx = build_context(baseline, data, budget, profile=a.profile,
                         model_name=a.model, finetune=finetune, search_epochs=search_epochs, scratch=scratch,
                         final=a.final, channel_multiple=a.channel_multiple, drop_blocks=a.drop_blocks,
                         precision=a.precision, seed=seed, target=target, structure=structure, latency=latency,
