@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgecompact.report import machine
+from edgecompact.report import machine, source_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -113,7 +113,7 @@ def main() -> None:
             continue  # not a grid architecture (at a multiple every width the search can choose is on the grid)
         archs.append((len(archs) % len(settings), {"model": s.model_name, "widths": widths}))
 
-    old = {}
+    old, old_commit = {}, {}  # a reused measurement keeps the commit of the code that took it
     if args.reuse and out.with_suffix(".json").is_file():
         for r in json.loads(out.with_suffix(".json").read_text())["results"]:
             if "arch" in r:
@@ -122,18 +122,22 @@ def main() -> None:
                     r["measured_median_ms"],
                     *([r["paired_baseline_ms"], r["paired_ms"]] if "paired_ms" in r else []),
                 )
+                old_commit[(r["setting"], json.dumps(r["arch"], sort_keys=True))] = r.get("commit")
+    code = source_commit(ROOT)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        base_onnx = {}  # each setting's baseline, timed beside every arch of it as deploy times a pair
-        for which, (label, base, s, _) in enumerate(settings):
+        base_onnx, raw_base, base_layers = {}, {}, {}  # each setting's baseline, timed beside each of its archs
+        for which, (label, base, s, table) in enumerate(settings):
             base_onnx[which] = Path(tmp) / f"baseline-{which}.onnx"
             export_onnx(base, (1, *s.input_shape), base_onnx[which])
+            raw_base[which] = table.predict(s, s.baseline_widths(), corrected=False)
+            base_layers[which] = _layers(s, s.baseline_widths())
         for k, (which, arch) in enumerate(archs):
             label, base, s, table = settings[which]
             widths = arch["widths"]
             raw = table.predict(s, widths, corrected=False)
-            raw_base = table.predict(s, s.baseline_widths(), corrected=False)
-            measured = old.get((label, json.dumps(arch, sort_keys=True)))
+            key = (label, json.dumps(arch, sort_keys=True))
+            measured = old.get(key)
             if measured is None:
                 start = time.perf_counter()
                 onnx_path = Path(tmp) / f"{k}.onnx"
@@ -152,13 +156,13 @@ def main() -> None:
                 {
                     "setting": label,
                     "arch": arch,
-                    "layers": sum(1 for layer, ci, co in s.channels(widths) if layer.op != "batchnorm" and ci and co),
-                    "baseline_layers": sum(1 for layer, ci, co in s.channels(s.baseline_widths())
-                                           if layer.op != "batchnorm" and ci and co),
+                    "layers": _layers(s, widths),
+                    "baseline_layers": base_layers[which],
                     "predicted_raw_ms": round(raw, 4),
-                    "predicted_raw_baseline_ms": round(raw_base, 4),
+                    "predicted_raw_baseline_ms": round(raw_base[which], 4),
                     "measured_ms": round(measured[0], 4),
                     "measured_median_ms": round(measured[1], 4),
+                    "commit": old_commit.get(key) if key in old else code,
                 }
             )
             if len(measured) == 4:
@@ -205,6 +209,11 @@ def main() -> None:
     _plot(records, out.with_suffix(".png"), args.runtime)
 
 
+def _layers(structure, widths: dict[str, int]) -> int:
+    """Convs and linear layers the network at `widths` runs (BatchNorm is folded; a removed block runs none)."""
+    return sum(1 for layer, ci, co in structure.channels(widths) if layer.op != "batchnorm" and ci and co)
+
+
 def _measure(runtime: str, onnx_path: Path, x: np.ndarray, input_name: str, args, target, time_ort):
     """(the tables' statistic, median of args.runs single runs) of the whole model, in ms."""
     from edgecompact.profiling import time_onnx, timed_ms, tvm_runs
@@ -244,6 +253,7 @@ def _write(
         test = [r for r in records if r["split"] == "held-out"]
         s = {
             "name": "summary",
+            "commit": source_commit(ROOT),  # the fit and the judgement; each row keeps its measurement's
             "split": "held-out",
             **_summary(test, "predicted_ms"),
             "before_correction": _summary(test, "predicted_raw_ms"),
