@@ -31,6 +31,19 @@ def machine() -> str:
     return f"{platform.machine()} {host_cpu().describe()}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}"
 
 
+def source_commit(root: Path) -> str:
+    """The code behind a benchmark row: HEAD of the checkout at `root` (12 hex digits), "+dirty" when its package
+    or tools differ from HEAD; "unknown" outside a git checkout."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--", "edgecompact", "tools") else "")
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 

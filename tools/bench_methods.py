@@ -20,7 +20,6 @@ import fcntl
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 from dataclasses import replace
 from datetime import date
@@ -34,7 +33,7 @@ from edgecompact.errors import ConfigError, UserError
 from edgecompact.methods import list_methods, run_method
 from edgecompact.models import create_model
 from edgecompact.pipeline import build_context, search_latency_model, search_multiple
-from edgecompact.report import bench_document
+from edgecompact.report import bench_document, source_commit
 from edgecompact.structure import analyze
 from edgecompact.targets import get_target
 from edgecompact.train import TrainConfig, evaluate, train
@@ -125,16 +124,6 @@ def protocol(a: argparse.Namespace, search_epochs: int, options: dict) -> str:
     if options:
         text += "; options " + json.dumps(options, sort_keys=True)
     return text
-
-
-def commit() -> str:
-    """The code behind a row: HEAD, marked +dirty when the package or tools differ from it."""
-    def git(*args: str) -> str:
-        r = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
-        return r.stdout.strip() if r.returncode == 0 else ""
-
-    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--", "edgecompact", "tools") else "")
 
 
 @contextlib.contextmanager
@@ -348,7 +337,7 @@ def run_seed(a: argparse.Namespace, seed: int, budget: Budget, methods: list[str
                         final=a.final, channel_multiple=a.channel_multiple, drop_blocks=a.drop_blocks,
                         precision=a.precision, seed=seed, target=target, structure=structure, latency=latency,
                         log=lambda s: print(s, flush=True))
-    stamp = {"seed": seed, "commit": commit(), "command": command, "date": date.today().isoformat()}
+    stamp = {"seed": seed, "commit": source_commit(ROOT), "command": command, "date": date.today().isoformat()}
     if not done(a.out, proto, "baseline", seed):
         # the reference: full width, trained from scratch for as many epochs as a method gets in all
         reference = fresh_model()

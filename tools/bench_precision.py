@@ -104,7 +104,9 @@ def main() -> None:
     if a.emulate:
         runs.append((f"emulated-{a.emulate}", ["qemu-x86_64", "-cpu", a.emulate, sys.executable]))
     records = []
-    commit = _commit()
+    from edgecompact.report import source_commit
+
+    commit = source_commit(ROOT)
     for tag, prefix in runs:
         t0 = time.perf_counter()
         cmd = [*prefix, str(Path(__file__).resolve()), "--ort-worker", str(work), "--tag", tag]
@@ -161,17 +163,6 @@ def _record(key: str, variant: str, tag: str, facts: dict, p: dict, ort: np.ndar
 
 def _top1(logits: np.ndarray, y: np.ndarray) -> float:
     return round(100.0 * float((logits.argmax(1) == y).mean()), 2)
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True,
-                               check=True).stdout.strip()
-        return out + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _markdown(doc: dict) -> str:

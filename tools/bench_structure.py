@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from datetime import date
@@ -20,8 +19,10 @@ import torch
 
 from edgecompact.errors import ConfigError
 from edgecompact.models.grammar import random_net
+from edgecompact.report import source_commit
 from edgecompact.structure_check import check_net
 
+ROOT = Path(__file__).resolve().parent.parent
 CHECKS = ("slim_equals_mask", "flops_equal_torch", "params_equal", "onnx_equals_torch")
 
 
@@ -54,8 +55,7 @@ def main() -> None:
                "all_passed": sum(all(r.get(k) for k in checks) and r["torch_pruning"] != "differs"
                                  for r in analyzed),
                "wall_s": round(time.time() - start, 1)}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
-                            text=True).stdout.strip()
+    commit = source_commit(ROOT)
     for row in rows:
         row["commit"] = commit
     import torch_pruning
