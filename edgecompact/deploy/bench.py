@@ -127,7 +127,8 @@ def bench_artifacts(paths: list[Path], *, runs: int = MIN_RUNS, threads: int = 1
     arts = [_loaded(Path(p), threads, runs) for p in paths]
     models = models or {}
     local = [a for a in arts if a["not_here"] is None]
-    if len(arts) == 2 and len(local) == 2 and arts[0]["input"] == arts[1]["input"]:
+    inputs = {(a["x"].shape, a["x"].dtype) for a in arts}
+    if len(arts) == 2 and len(local) == 2 and len(inputs) == 1:
         _time_pair(arts, models, runs, threads)
     else:
         for a in arts:
@@ -157,9 +158,9 @@ def _loaded(art: Path, threads: int, runs: int) -> dict[str, Any]:
         raise DeployError(f"{lib}: sha256 does not match manifest.json")
     rec: dict[str, Any] = {"artifact": str(art), "target": target.name, "precision": manifest["precision"],
                            "threads": threads, "runs": runs, "latency_ms": {}}
-    return {"dir": art, "target": target, "lib": lib, "onnx": art / manifest["onnx"], "device":
-            manifest.get("device", "cpu"), "input": (tuple(inp["shape"]), inp["dtype"]),
-            "x": np.random.default_rng(0).standard_normal(inp["shape"]).astype(inp["dtype"]),
+    x = np.random.default_rng(0).standard_normal(inp["shape"]).astype(inp["dtype"])
+    return {"dir": art, "target": target, "lib": lib, "onnx": art / manifest["onnx"],
+            "device": manifest.get("device", "cpu"), "x": x,
             "not_here": etvm.runnable_here(target), "rec": rec}
 
 
