@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import shlex
 import statistics
@@ -127,9 +128,11 @@ def protocol(a: argparse.Namespace, search_epochs: int, options: dict) -> str:
 
 
 @contextlib.contextmanager
-def locked(out: Path):
-    """Several processes (one per seed) merge rows into one --out: one at a time."""
-    lock = ROOT / "runs" / "locks" / (out.name + ".lock")
+def locked(out: Path, key: str | None = None):
+    """Several processes (one per seed) merge rows into one --out: one at a time. With `key` (a checkpoint's
+    path), processes sharing a seed's work dir train its baselines one at a time (the others then load them)."""
+    name = out.name if key is None else hashlib.sha1(key.encode()).hexdigest()[:16]
+    lock = ROOT / "runs" / "locks" / (name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -322,7 +325,8 @@ def run_seed(a: argparse.Namespace, seed: int, budget: Budget, methods: list[str
 
     base_cfg = TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=seed)
     baseline = fresh_model()
-    train(baseline, data.train, base_cfg, val_set=data.val, checkpoint=work / "baseline.pt", desc="baseline")
+    with locked(a.out, str(work / "baseline.pt")):
+        train(baseline, data.train, base_cfg, val_set=data.val, checkpoint=work / "baseline.pt", desc="baseline")
     baseline.eval()
     scratch = replace(base_cfg, epochs=total_epochs(a, search_epochs), distill_alpha=a.distill)
     finetune = TrainConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, batch_size=a.batch_size, seed=seed,
@@ -341,8 +345,9 @@ def run_seed(a: argparse.Namespace, seed: int, budget: Budget, methods: list[str
     if not done(a.out, proto, "baseline", seed):
         # the reference: full width, trained from scratch for as many epochs as a method gets in all
         reference = fresh_model()
-        hist = train(reference, data.train, replace(scratch, distill_alpha=0.0), val_set=data.val,
-                     checkpoint=work / "baseline-equal.pt", desc="baseline (equal epochs)")
+        with locked(a.out, str(work / "baseline-equal.pt")):
+            hist = train(reference, data.train, replace(scratch, distill_alpha=0.0), val_set=data.val,
+                         checkpoint=work / "baseline-equal.pt", desc="baseline (equal epochs)")
         reference.eval()
         widths = ctx.structure.baseline_widths()
         rec = {"name": "baseline", "model": a.model, "dataset": dataset, **stamp,
@@ -364,7 +369,10 @@ def run_seed(a: argparse.Namespace, seed: int, budget: Budget, methods: list[str
         if done(a.out, proto, name, seed):
             print(f"{name} seed {seed}: already in {a.out}, skipped", flush=True)
             continue
-        run_ctx = replace(ctx, run_dir=method_root / name, options=options.get(name, {}))
+        opts = options.get(name, {})
+        # runs with non-default options live apart, so that a sweep never resumes another setting's checkpoints
+        run_name = name + "".join(f"-{k}{v}" for k, v in sorted(opts.items()))
+        run_ctx = replace(ctx, run_dir=method_root / run_name, options=opts)
         try:
             res = run_method(name, run_ctx)
         except UserError as e:  # a method that cannot land on the budget says so; the others still run
