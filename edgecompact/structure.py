@@ -8,6 +8,8 @@ place that physically removes channels. Nothing here trains or scores channels.
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import json
 from dataclasses import asdict, dataclass, field, replace
@@ -286,21 +288,87 @@ def _fixes_channels(node) -> bool:
 
 
 class _ConcatSizes(TorchFunctionMode):
-    """Records the input widths of every channel concat of a forward, keyed by the concat's grad_fn."""
+    """Records the widths of every channel concat's inputs and every channel split's outputs of a forward, and
+    each reshape's (input dims, output dims), keyed by the op's grad_fn."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sizes: dict = {}
+        self.split_sizes: dict = {}
+        self.reshapes: dict = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if getattr(func, "__name__", "") in ("cat", "concat", "concatenate") and getattr(out, "grad_fn", None):
+        name = getattr(func, "__name__", "")
+        if name in ("cat", "concat", "concatenate") and getattr(out, "grad_fn", None):
             tensors = args[0] if args else kwargs["tensors"]
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             if out.dim() > 1 and dim % out.dim() == 1:
                 self.sizes[out.grad_fn] = [int(t.shape[1]) for t in tensors]
+        elif name in _SPLIT_FNS and isinstance(out, tuple) and out and getattr(out[0], "grad_fn", None):
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            if out[0].dim() > 1 and dim % out[0].dim() == 1:
+                self.split_sizes[out[0].grad_fn] = [int(t.shape[1]) for t in out]
+        elif name in ("view", "reshape", "flatten", "unflatten") and getattr(out, "grad_fn", None):
+            self.reshapes[out.grad_fn] = (args[0].dim(), out.dim())
         return out
+
+
+_SPLIT_FNS = ("chunk", "split", "tensor_split", "split_with_sizes")
+
+
+def _map_split(node, sizes: list[int]) -> None:
+    """Give torch-pruning's split node the traced output widths, its consumers in output order (torch-pruning maps
+    the i-th consumer it found to the i-th output). Its own inference reads sizes from grad_fn attributes that
+    torch 2.x no longer saves, and guesses wrong behind several splits in a row (ShuffleNetV2 units)."""
+    order = {}
+    for out in node.outputs:
+        nrs = [nr for fn, nr in getattr(out.grad_fn, "next_functions", ()) if fn is node.grad_fn]
+        order[out] = nrs[0] if len(nrs) == 1 else None
+    nrs = sorted(nr for nr in order.values() if nr is not None)
+    if len(nrs) != len(node.outputs) or nrs != list(range(len(sizes))):
+        return  # an unused output or a consumer reading two outputs: left to torch-pruning
+    node.outputs.sort(key=lambda out: order[out])
+    offsets = [0]
+    for c in sizes:
+        offsets.append(offsets[-1] + c)
+    node.module.split_sizes, node.module.offsets = list(sizes), offsets
+
+
+@contextlib.contextmanager
+def _reshape_mapping_guard(reshapes: dict):
+    """torch-pruning 1.6.1 maps every reshape's channels as a flatten (channel i to features i*s..i*s+s-1), from
+    widths it infers on both sides. Between two feature maps (a channel shuffle's view to 5-D and back) that is
+    wrong: behind three channel-split (ShuffleNetV2) units in a row it infers 0 channels and divides by it, behind
+    four its index sets grow without end. Here only reshapes to or from a flat (<= 2-D) tensor get that mapping;
+    `reshapes` holds the traced (input dims, output dims) of each reshape, by grad_fn. The channel shuffle itself
+    is handled as a reordering (`_is_reordering`), not by torch-pruning."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+
+    def guarded(graph, node):
+        dims = reshapes.get(node.grad_fn)
+        if dims is not None and min(dims) > 2:
+            return
+        original(graph, node)
+
+    index_mapping.update_reshape_index_mapping = guarded
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
+
+
+class _DependencyGraph(tp.DependencyGraph):
+    """torch-pruning's graph, re-mapping its indices (as it does on every group query) under the reshape guard."""
+
+    reshapes: dict = {}
+
+    def get_pruning_group(self, *args, **kwargs):
+        with _reshape_mapping_guard(self.reshapes):
+            return super().get_pruning_group(*args, **kwargs)
 
 
 def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
@@ -313,15 +381,19 @@ def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGr
     from torch_pruning.dependency.index_mapping import _ConcatIndexMapping, update_index_mapping
 
     recorder = _ConcatSizes()
-    with torch.enable_grad(), recorder:
+    with torch.enable_grad(), recorder, _reshape_mapping_guard(recorder.reshapes):
         try:
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            dg = _DependencyGraph()
+            dg.reshapes = recorder.reshapes
+            dg.build_dependency(model, example_inputs=example, verbose=False)
         except (ZeroDivisionError, IndexError, KeyError) as e:  # its shape inference, not the user's model
             raise ConfigError(
-                f"torch-pruning could not trace this model's channel dependencies ({type(e).__name__}: {e}); "
-                "known case: three or more channel-split (ShuffleNetV2) units in a row"
+                f"torch-pruning could not trace this model's channel dependencies ({type(e).__name__}: {e})"
             ) from None
-    update_index_mapping(dg)
+        for node in dg.module2node.values():
+            if node.type == tp.ops.OPTYPE.SPLIT and node.grad_fn in recorder.split_sizes:
+                _map_split(node, recorder.split_sizes[node.grad_fn])
+        update_index_mapping(dg)
     for node in dg.module2node.values():
         chs = recorder.sizes.get(node.grad_fn) if node.type == tp.ops.OPTYPE.CONCAT else None
         if chs is None or len(chs) != len(node.inputs):

@@ -14,7 +14,16 @@ import torch
 from torch import nn
 
 from edgecompact.errors import ConfigError
-from edgecompact.models.grammar import BLOCKS, GrammarNet, PoolHead, conv_bn, make_block, random_net
+from edgecompact.models.grammar import (
+    BLOCKS,
+    GrammarNet,
+    PoolHead,
+    ShuffleUnit,
+    StagedNet,
+    conv_bn,
+    make_block,
+    random_net,
+)
 from edgecompact.structure import analyze
 from edgecompact.structure_check import check_net
 
@@ -51,6 +60,19 @@ def test_channels_through_a_split_and_shuffle_keep_their_width_and_the_branch_is
     net = GrammarNet(conv_bn(3, 8, 3), [make_block("shuffle", 8, 8, 1, rng)], PoolHead(8, 5))
     st = analyze(net, (3, 8, 8))
     assert st.groups == {"blocks.0.branch.0.0": 4}  # the stem's channels pass the chunk and shuffle: fixed
+
+
+@pytest.mark.parametrize("units", [3, 4, 8])
+def test_channel_split_units_in_a_row_are_analyzed_and_agree_with_torch_pruning(units):
+    """ShuffleNetV2 stages: torch-pruning 1.6.1 divides by zero behind three split units in a row and its index sets
+    grow without end behind four, unless its splits get their traced sizes and channel shuffles are not mapped as
+    flattens (structure.dependency_graph)."""
+    net = StagedNet(conv_bn(3, 16, 3), [ShuffleUnit(16, 24, 2), *(ShuffleUnit(24, 24) for _ in range(units))], 24, 5)
+    result = check_net(net, (3, 8, 8))
+    assert _passes(result), result
+    assert result["torch_pruning"] == "coarser"  # the channels passing split and shuffle are kept fixed here
+    # the stem, the head's 1x1 conv and each unit's inner branch width (the stride-2 unit's too): nothing else moves
+    assert result["groups"] == 3 + units
 
 
 def test_grouped_conv_is_pruned_in_whole_groups():

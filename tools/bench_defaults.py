@@ -76,9 +76,9 @@ def write_table(out: Path, command: str) -> None:
             path = variant_out(method, variant)
             if not path.is_file():
                 continue
-            for r in json.loads(path.read_text())["results"]:
+            for r in json.loads(path.read_text())["results"]:  # one row per method, its seeds in per_seed
                 if r["name"] == method:
-                    rows.append({**r, "variant": variant, "sets": sets})
+                    rows += [{"name": method, **x, "variant": variant, "sets": sets} for x in r["per_seed"]]
     if not rows:
         return
     doc = bench_document("defaults", command, PROTO_TEXT, rows)

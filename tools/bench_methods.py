@@ -174,6 +174,7 @@ def merge(path: Path, proto: str, command: str, rec: dict) -> None:
         rows.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
         doc = bench_document("methods", command, proto, rows)
         tmp = path.with_name(path.name + ".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         tmp.replace(path)
         path.with_suffix(".md").write_text(markdown(doc))

@@ -8,14 +8,13 @@ from torch import nn
 from edgecompact.models.grammar import ShuffleUnit, StagedNet, conv_bn
 from edgecompact.models.registry import register_model
 
-# (output channels, units) per stage; ShuffleNetV2 0.5x's widths, two units each: torch-pruning 1.6's shape
-# inference fails on three channel-split units in a row (structure.dependency_graph refuses that in one line)
-_STAGES = ((48, 2), (96, 2), (192, 2))
+# (output channels, units) per stage: ShuffleNetV2 0.5x (Ma et al. 2018, table 5)
+_STAGES = ((48, 4), (96, 8), (192, 4))
 
 
 @register_model(num_classes=10, input_size=32, dataset="cifar10")
 def shufflenet_v2_cifar(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> nn.Module:
-    """ShuffleNetV2 0.5x widths (48/96/192), two units per stage, stride 1 stem, 1x1 conv to 256, pool, linear."""
+    """ShuffleNetV2 0.5x (48/96/192 channels, 4/8/4 units), stride 1 stem, 1x1 conv to 256, pool, linear."""
     units: list[nn.Module] = []
     c_in = 24
     for i, (c_out, n) in enumerate(_STAGES):
