@@ -9,7 +9,6 @@ place that physically removes channels. Nothing here trains or scores channels.
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import json
 from dataclasses import asdict, dataclass, field, replace
@@ -364,7 +363,9 @@ def _reshape_mapping_guard(reshapes: dict):
 class _DependencyGraph(tp.DependencyGraph):
     """torch-pruning's graph, re-mapping its indices (as it does on every group query) under the reshape guard."""
 
-    reshapes: dict = {}
+    def __init__(self, reshapes: dict) -> None:
+        super().__init__()
+        self.reshapes = reshapes
 
     def get_pruning_group(self, *args, **kwargs):
         with _reshape_mapping_guard(self.reshapes):
@@ -383,8 +384,7 @@ def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGr
     recorder = _ConcatSizes()
     with torch.enable_grad(), recorder, _reshape_mapping_guard(recorder.reshapes):
         try:
-            dg = _DependencyGraph()
-            dg.reshapes = recorder.reshapes
+            dg = _DependencyGraph(recorder.reshapes)
             dg.build_dependency(model, example_inputs=example, verbose=False)
         except (ZeroDivisionError, IndexError, KeyError) as e:  # its shape inference, not the user's model
             raise ConfigError(

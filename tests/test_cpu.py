@@ -75,7 +75,8 @@ def test_machine_fields_name_the_cpu_and_its_isa():
 @pytest.mark.parametrize("llvm_cpu", ["znver2", "znver3", "znver4", "haswell", "cascadelake"])
 def test_host_mcpu_is_whatever_llvm_calls_this_cpu(monkeypatch, llvm_cpu):
     """mcpu "native" becomes LLVM's name for the running CPU (AMD's znver* as much as Intel's), and the tuning
-    database is keyed by that name, so records tuned on one CPU are never applied on another."""
+    database is keyed by that name and by the CPU's model and ISA (`Cpu.key`), so records tuned on one CPU are never
+    applied on another."""
     from tvm.target import codegen
 
     from edgecompact.deploy import tvm as etvm
@@ -83,4 +84,4 @@ def test_host_mcpu_is_whatever_llvm_calls_this_cpu(monkeypatch, llvm_cpu):
     monkeypatch.setattr(codegen, "llvm_get_system_cpu", lambda: llvm_cpu)
     tgt = etvm.tvm_target(get_target("host"))
     assert str(tgt.attrs["mcpu"]) == llvm_cpu and str(tgt.host.attrs["mcpu"]) == llvm_cpu
-    assert etvm.default_db_dir(get_target("host")).name == f"host-{llvm_cpu}"
+    assert etvm.default_db_dir(get_target("host")).name == f"host-{llvm_cpu}-{host_cpu().key}"

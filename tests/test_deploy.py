@@ -198,11 +198,33 @@ def test_tuning_speeds_up_and_reuses_records_for_shared_shapes(tmp_path):
     mod = from_onnx(eonnx.load_onnx(tmp_path / "m.onnx"), shape_dict={"x": [1, 3, 16, 16]})
     first = etvm.tune(mod, get_target("host"), 4, tmp_path / "db")
     assert first["tuned_tasks"] == first["tasks"] > 0 and first["trials"] > 0
+    stamp = json.loads((tmp_path / "db" / etvm.DB_STAMP).read_text())
+    assert stamp["cpu"] == host_cpu().key  # the database names the CPU it was measured on
     again = etvm.tune(mod, get_target("host"), 4, tmp_path / "db")
     assert again["tuned_tasks"] == 0 and again["reused_tasks"] == first["tasks"]
     ex = etvm.compile_relax(mod, get_target("host"), db_dir=tmp_path / "db")
     x = np.random.default_rng(4).standard_normal((1, 3, 16, 16)).astype(np.float32)
     assert np.abs(_tvm_run(ex, x) - _torch(model, x)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("stamp", [{"cpu": "x86_64-amd-epyc-7b13-0123abcd", "cpu_describe": "AMD EPYC 7B13 (avx2)"},
+                                   None])
+def test_a_tuning_database_of_another_cpu_or_without_a_stamp_is_refused(tmp_path, stamp):
+    from tvm.relax.frontend.onnx import from_onnx
+
+    eonnx.export_onnx(_tiny_cnn(), (1, 3, 16, 16), tmp_path / "m.onnx")
+    mod = from_onnx(eonnx.load_onnx(tmp_path / "m.onnx"), shape_dict={"x": [1, 3, 16, 16]})
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / "database_workload.json").write_text("")
+    if stamp is not None:
+        (db / etvm.DB_STAMP).write_text(json.dumps(stamp))
+    with pytest.raises(DeployError, match=str(db)) as err:
+        etvm.compile_relax(mod, get_target("host"), db_dir=db)
+    assert "\n" not in str(err.value)
+    assert ("another CPU" if stamp else "no record of the CPU") in str(err.value)
+    with pytest.raises(DeployError, match=str(db)):  # nor tuned further
+        etvm.tune(mod, get_target("host"), 1, db)
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs Linux CPU affinity")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from edgecompact.deploy import onnx as eonnx
 from edgecompact.deploy import opprofile as op
@@ -75,6 +76,11 @@ def test_both_runtimes_report_exactly_the_torch_conv_layers_and_all_pair_up(bloc
     assert s["tvm_us"] == pytest.approx(sum(t.us for t in tvm_ops))
     assert s["ort_us"] == pytest.approx(sum(o.us for o in ort_ops))
     assert s["by_kind"]["conv"]["count"] == len(truth)
+    # each TVM conv's FLOPs (from its weight) add up to torch's FlopCounterMode count of the model's convolutions
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 16, 16))
+    conv_flops = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(k))
+    assert sum(o.flops for o in tvm_ops if o.kind == "conv") == conv_flops
 
 
 def _conv(name: str, cin: int, cout: int, hw: int, k: int = 3, stride: int = 1, us: float = 1.0) -> op.Op:

@@ -84,12 +84,12 @@ def write_table(out: Path, command: str) -> None:
     doc = bench_document("defaults", command, PROTO_TEXT, rows)
     write_bench(out, doc)
     lines = ["# defaults", "", f"- command: `{command}`", f"- machine: {doc['machine']}, {doc['date']}",
-             f"- code: rows' commits {', '.join(sorted({r['commit'] for r in rows}))} (this table: "
-             f"{source_commit(ROOT)})", f"- protocol: {PROTO_TEXT}", "",
-             "| method | variant | seeds | val top-1 % (mean ± std) | test top-1 % (mean ± std) | MFLOPs | "
-             "final won | chosen on val |", "|---|---|---|---|---|---|---|---|"]
-    for method in VARIANTS:
-        sel = {v: [r for r in rows if r["name"] == method and r["variant"] == v] for v in VARIANTS[method]}
+             (f"- code: rows' commits {', '.join(sorted({r['commit'] for r in rows}))} (this table: "
+             f"{source_commit(ROOT)})"), f"- protocol: {PROTO_TEXT}", "",
+             ("| method | variant | seeds | val top-1 % (mean ± std) | test top-1 % (mean ± std) | MFLOPs | "
+             "final won | chosen on val |"), "|---|---|---|---|---|---|---|---|"]
+    for method, variants in VARIANTS.items():
+        sel = {v: [r for r in rows if r["name"] == method and r["variant"] == v] for v in variants}
         sel = {v: rs for v, rs in sel.items() if rs}
         full = {v: rs for v, rs in sel.items() if len(rs) == max(len(x) for x in sel.values())} if sel else {}
         best = max(full, key=lambda v: statistics.fmean(r["top1_val"] for r in full[v])) if full else None

@@ -27,12 +27,13 @@ from tvm.relax.frontend.onnx import from_onnx
 from edgecompact.deploy import bench, opprofile
 from edgecompact.deploy import onnx as eonnx
 from edgecompact.deploy import tvm as etvm
+from edgecompact.deploy.peak import fp32_peak_gflops
 from edgecompact.models import create_model
 from edgecompact.report import bench_document, machine
 from edgecompact.targets import get_target
 
 
-def _row(t: opprofile.Op | None, o: opprofile.Op | None) -> dict[str, Any]:
+def _row(t: opprofile.Op | None, o: opprofile.Op | None, peak: float) -> dict[str, Any]:
     op = t or o
     assert op is not None
     row: dict[str, Any] = {"name": op.describe(), "op": op.kind, "input": list(op.inputs), "output": list(op.output)}
@@ -44,7 +45,26 @@ def _row(t: opprofile.Op | None, o: opprofile.Op | None) -> dict[str, Any]:
         row["ort_op"], row["ort_us"] = o.name, round(o.us, 2)
     if t is not None and o is not None and o.us > 0:
         row["ratio"] = round(t.us / o.us, 2)
+    flops = t.flops if t is not None else None
+    if flops:  # each runtime's GFLOP/s and share of the measured one-core peak (a conv's weight gives its FLOPs)
+        row["mflops"] = round(flops / 1e6, 3)
+        for key, op in (("tvm", t), ("ort", o)):
+            if op is not None and op.us > 0:
+                row[f"{key}_gflops"] = round(flops / (op.us * 1e3), 2)
+                row[f"{key}_pct_peak"] = round(100 * row[f"{key}_gflops"] / peak, 1)
     return row
+
+
+def conv_share_of_peak(rows: list[dict[str, Any]], peak: float) -> dict[str, float]:
+    """Each runtime's 3x3 convolutions together: their FLOPs over their summed time, as a % of the one-core peak."""
+    convs = [r for r in rows if r.get("kernel") == [3, 3] and "mflops" in r]
+    out = {}
+    for key in ("tvm", "ort"):
+        timed = [r for r in convs if f"{key}_us" in r]
+        us = sum(r[f"{key}_us"] for r in timed)
+        if us > 0:
+            out[key] = round(100 * sum(r["mflops"] for r in timed) * 1e6 / (us * 1e3) / peak, 1)
+    return out
 
 
 def _end_to_end(vm: Any, sess: Any, x: np.ndarray, threads: int, runs: int, lib: Path) -> dict[str, Any]:
@@ -65,7 +85,11 @@ def _markdown(out: dict[str, Any]) -> str:
     e2e = [r for r in out["results"] if r["name"].startswith("end-to-end")]
     s = next(r for r in out["results"] if r["name"] == "summary")
     tun = out["tuning"]
+    pk = out["peak"]
     lines = [f"# operator benchmark: {out['model']}\n", f"{out['protocol']}\n", f"Machine: {out['machine']}.  ",
+             (f"Measured fp32 peak of one core: {pk['gflops_per_core']} GFLOP/s ({pk['kernel']}); 3x3 convolutions "
+             f"together reach {s['conv3x3_pct_peak'].get('tvm', '-')}% of it on TVM, "
+             f"{s['conv3x3_pct_peak'].get('ort', '-')}% on onnxruntime.  "),
              f"Command: `{out['command']}`.  ",
              f"Tuning database `{tun['db']}`, {tun.get('tasks', '?')} conv/matmul tasks"
              + (f", filled by {len(tun['tuning_run'].get('runs', [1]))} tuning run(s): "
@@ -84,12 +108,13 @@ def _markdown(out: dict[str, Any]) -> str:
                      f"{lat['host-tvm-time_evaluator']:.3f} |")
     lines += ["", (f"## Per operator ({s['threads']} thread(s); TVM: each kernel call timed alone; ORT: its "
               "profiler; both medians, measured interleaved)\n"),
-              "| # | op | shape | TVM kernel | TVM (us) | ORT node | ORT (us) | TVM / ORT |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| # | op | shape | TVM kernel | TVM (us) | ORT node | ORT (us) | TVM / ORT | TVM % of peak | ORT % of peak |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         tvm_cells = f"{r['tvm_op']} | {r['tvm_us']:.1f}" if "tvm_us" in r else "- | -"
         ort_cells = f"{r['ort_op'].removesuffix('_nchwc')} | {r['ort_us']:.1f}" if "ort_us" in r else "- | -"
-        lines.append(f"| {i} | {r['op']} | {r['name']} | {tvm_cells} | {ort_cells} | {r.get('ratio', '-')} |")
+        lines.append(f"| {i} | {r['op']} | {r['name']} | {tvm_cells} | {ort_cells} | {r.get('ratio', '-')} | "
+                     f"{r.get('tvm_pct_peak', '-')} | {r.get('ort_pct_peak', '-')} |")
     lines += ["", "| kind | count | TVM (us) | ORT (us) | TVM / ORT |", "|---|---|---|---|---|"]
     for kind, k in s["by_kind"].items():
         ratio = f"{k['tvm_us'] / k['ort_us']:.2f}" if k["ort_us"] and k["tvm_us"] else "-"
@@ -124,6 +149,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     etvm.set_num_threads(args.threads)  # before tuning: the tuner's runner workers inherit TVM_NUM_THREADS
     torch.manual_seed(0)
+    peak = fp32_peak_gflops()  # before anything else runs here: the yardstick of every operator's share
 
     target = get_target("host")
     db = args.db or etvm.default_db_dir(target)
@@ -155,7 +181,7 @@ def main() -> None:
     etvm.set_num_threads(args.threads)
     tvm_ops, ort_ops = opprofile.op_times(ex, onnx_path, x, threads=args.threads, ort_runs=args.runs)
     pairs = opprofile.match_ops(tvm_ops, ort_ops)
-    rows = [_row(t, o) for t, o in pairs]
+    rows = [_row(t, o, peak["gflops_per_core"]) for t, o in pairs]
 
     e2e = [_end_to_end(vm, eonnx.session(onnx_path, n), x, n, args.runs, lib)
            for n in map(int, args.e2e_threads.split(","))]
@@ -171,7 +197,8 @@ def main() -> None:
                "tvm_vm_overhead_ms": round(base["latency_ms"]["host-tvm-time_evaluator"] - totals["tvm_us"] / 1e3, 4),
                "conv_share_tvm": round(totals["by_kind"].get("conv", {}).get("tvm_us", 0) / totals["tvm_us"], 3),
                "worst": {k: worst[k] for k in ("name", "tvm_op", "tvm_us", "ort_us", "ratio")},
-               "max_abs_err_vs_ort": max_err, "compile_s": compile_s}
+               "max_abs_err_vs_ort": max_err, "compile_s": compile_s,
+               "conv3x3_pct_peak": conv_share_of_peak(rows, peak["gflops_per_core"])}
 
     out = {
         **bench_document("operators", "python " + " ".join(sys.argv), "", []),
@@ -185,6 +212,7 @@ def main() -> None:
                     f"the two interleaved in 15 rounds; ops matched by kind + input/output shape + kernel; end to "
                     f"end: median of {args.runs} runs, TVM and onnxruntime calls interleaved",
         "tuning": tuning,
+        "peak": peak,
         "results": rows + e2e + [summary],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

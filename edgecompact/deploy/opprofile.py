@@ -59,6 +59,17 @@ class Op:
     output: tuple[int, ...]
     kernel: tuple[int, ...] | None = None
     us: float = float("nan")
+    fan_in: int | None = None  # a conv's multiply-adds per output value (I/groups x kh x kw), from its weight
+
+    @property
+    def flops(self) -> int | None:
+        """2 x MACs (the project's convention) of a conv whose weight was seen, else None."""
+        if self.fan_in is None or not self.output:
+            return None
+        n = 1
+        for d in self.output:
+            n *= d
+        return 2 * n * self.fan_in
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -97,9 +108,10 @@ def tvm_op(name: str, arg_shapes: list[tuple[int, ...]], us: float = float("nan"
     """An Op from a TVM kernel call: destination-passing style, so the first argument is the data input,
     the last the output, and a conv's second argument its weight (O, I/groups, kh, kw)."""
     kind = tvm_kind(name)
-    kernel = tuple(arg_shapes[1][2:]) if kind == "conv" and len(arg_shapes) > 2 and len(arg_shapes[1]) == 4 \
-        else None
-    return Op(name, kind, tuple(arg_shapes[0]), tuple(arg_shapes[-1]), kernel, us)
+    conv = kind == "conv" and len(arg_shapes) > 2 and len(arg_shapes[1]) == 4
+    kernel = tuple(arg_shapes[1][2:]) if conv else None
+    fan_in = arg_shapes[1][1] * arg_shapes[1][2] * arg_shapes[1][3] if conv else None
+    return Op(name, kind, tuple(arg_shapes[0]), tuple(arg_shapes[-1]), kernel, us, fan_in)
 
 
 def ort_op(name: str, op_type: str, input_shapes: list[tuple[int, ...]], output_shapes: list[tuple[int, ...]],

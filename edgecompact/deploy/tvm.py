@@ -20,8 +20,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from edgecompact.cpu import host_cpu
 from edgecompact.errors import DeployError, StorageError
-from edgecompact.storage import cache_root
+from edgecompact.storage import cache_root, write_text_atomic
 from edgecompact.targets import Target
 
 GPU_KINDS = ("opencl", "cuda", "vulkan", "metal", "rocm")
@@ -53,11 +54,62 @@ def is_gpu(tgt: tvm.target.Target) -> bool:
     return tgt.kind.name in GPU_KINDS
 
 
-def default_db_dir(target: Target) -> Path:
-    """The per-target tuning database, keyed by target name and resolved CPU, shared across models."""
+def _tunes_this_cpu(target: Target) -> bool:
+    """The target's code is generated for the CPU running this process (mcpu "native"): its records are measured
+    here and belong to this CPU's model and ISA."""
+    return isinstance(target.tvm_target, dict) and target.tvm_target.get("mcpu") == "native"
+
+
+def db_identity(target: Target) -> dict[str, Any]:
+    """What a tuning database's records belong to: this CPU (model and ISA, `cpu.Cpu.key`) for a target compiled
+    for it, else the TVM target itself (a board's CPU is named in it)."""
     tgt = tvm_target(target)
-    cpu = str((tgt.host or tgt).attrs.get("mcpu", "generic"))
-    return cache_root() / "tuning" / f"{target.name}-{cpu}"
+    ident: dict[str, Any] = {"target": target.name, "llvm_cpu": str((tgt.host or tgt).attrs.get("mcpu", "generic"))}
+    if _tunes_this_cpu(target):
+        cpu = host_cpu()
+        ident.update(cpu=cpu.key, cpu_describe=cpu.describe())
+    else:
+        ident["tvm_target"] = str(tgt)
+    return ident
+
+
+def default_db_dir(target: Target) -> Path:
+    """The per-target tuning database, shared across models: keyed by target name and LLVM's CPU name, and, for a
+    target compiled for this CPU, by its model and ISA (two CPUs under one LLVM name differ in their flags)."""
+    ident = db_identity(target)
+    name = f"{target.name}-{ident['llvm_cpu']}" + (f"-{ident['cpu']}" if "cpu" in ident else "")
+    return cache_root() / "tuning" / name
+
+
+DB_STAMP = "cpu.json"  # in a tuning database: db_identity of the machine and target it was tuned for
+
+
+def check_db(db_dir: Path, target: Target) -> None:
+    """Refuse, in one line, a tuning database tuned for another CPU (or unstamped): never reused silently."""
+    db_dir = Path(db_dir)
+    has_records = (db_dir / "database_workload.json").is_file()
+    stamp_path = db_dir / DB_STAMP
+    if not stamp_path.is_file():
+        if has_records:
+            raise DeployError(f"{db_dir}: tuning database without {DB_STAMP} (no record of the CPU it was tuned "
+                              "on): tune into a new directory, or remove this one")
+        return
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        raise DeployError(f"{stamp_path}: not readable JSON; remove the tuning database or give another") from None
+    ident = db_identity(target)
+    key = "cpu" if "cpu" in ident else "tvm_target"
+    if stamp.get(key) != ident[key]:
+        was = stamp.get("cpu_describe") or stamp.get(key)
+        now = ident.get("cpu_describe") or ident[key]
+        raise DeployError(f"{db_dir}: tuning database of another CPU or target ({was}); this is {now}: give "
+                          "another --tuning-db or remove it")
+
+
+def _stamp_db(db_dir: Path, target: Target) -> None:
+    if not (Path(db_dir) / DB_STAMP).is_file():
+        write_text_atomic(Path(db_dir) / DB_STAMP, json.dumps(db_identity(target), indent=1) + "\n")
 
 
 def _prepare(mod: tvm.IRModule, tgt: tvm.target.Target) -> tvm.IRModule:
@@ -73,12 +125,15 @@ def _prepare(mod: tvm.IRModule, tgt: tvm.target.Target) -> tvm.IRModule:
 def tune(mod: tvm.IRModule, target: Target, trials_per_task: int, db_dir: Path) -> dict[str, Any]:
     """MetaSchedule-tune the tasks of `mod` not yet in `db_dir` (subprocess, torch hidden). Returns its summary."""
     tgt = tvm_target(target)
-    return _tune(_prepare(mod, tgt), tgt, trials_per_task, db_dir)
+    return _tune(_prepare(mod, tgt), target, tgt, trials_per_task, db_dir)
 
 
-def _tune(prepared: tvm.IRModule, tgt: tvm.target.Target, trials_per_task: int, db_dir: Path) -> dict[str, Any]:
+def _tune(prepared: tvm.IRModule, target: Target, tgt: tvm.target.Target, trials_per_task: int,
+          db_dir: Path) -> dict[str, Any]:
     db_dir = Path(db_dir)
+    check_db(db_dir, target)
     db_dir.mkdir(parents=True, exist_ok=True)
+    _stamp_db(db_dir, target)
     with tempfile.TemporaryDirectory(dir=db_dir) as tmp:
         mod_path, summary_path = Path(tmp) / "mod.json", Path(tmp) / "summary.json"
         mod_path.write_text(tvm.ir.save_json(prepared))
@@ -114,8 +169,9 @@ def compile_tuned(mod: tvm.IRModule, target: Target, *, tune_trials: int = 0,
     summary = None
     if tune_trials > 0:
         db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
-        summary = _tune(prepared, tgt, tune_trials, db_dir)
+        summary = _tune(prepared, target, tgt, tune_trials, db_dir)
     if db_dir is not None and (Path(db_dir) / "database_workload.json").is_file():
+        check_db(db_dir, target)
         from tvm.s_tir import meta_schedule as ms
 
         database = ms.database.JSONDatabase(work_dir=str(db_dir))
