@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a run directory holding a different run")
     p.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per task for the deployed "
                    "models (0: untuned TVM)")
-    p.add_argument("--rpc", default=None, help="tracker HOST:PORT: measure the deployed models on the board")
+    p.add_argument("--rpc", default=None, help="tracker HOST:PORT: time the board in a latency budget's closed loop "
+                   "and measure the deployed models on it")
     p.add_argument("--key", default=None, help="RPC key (default: the target's rpc_key)")
     p.add_argument("--no-deploy", action="store_true")
     p.set_defaults(fn=cmd_search)

@@ -30,18 +30,24 @@ if TYPE_CHECKING:
 
 MEASURE_ROUNDS = 3  # timed rounds at most: the method's own widths, then re-fits (`--measure-rounds`)
 
+RPC_WAIT_S = 60.0  # longest wait for a free board under the key
 Measure = Callable[[dict[str, list[int]]], tuple[float, float]]  # keep -> (baseline ms, compact ms), paired
 
 
 def measurer_for(target: Target, baseline: nn.Module, structure: Structure, precision: str, data: DataSplits,
-                 rounds: int = MEASURE_ROUNDS) -> tuple[Measure | None, str]:
-    """(the measurement of `target`'s runtime, timed here, and its key, e.g. "host-ort"), or (None, why the latency
-    stays predicted only). Boards are the hook left open: timing one over --rpc would return its Measure here."""
+                 rounds: int = MEASURE_ROUNDS, rpc: tuple[str, int, str] | None = None,
+                 db_dir: Path | None = None) -> tuple[Measure | None, str]:
+    """(the measurement of `target`'s runtime and its key, e.g. "host-ort", "rpi4-tvm-rpc"), or (None, why the
+    latency stays predicted only). A target that runs here is timed here on its runtime; a board is timed over
+    `rpc` (tracker host, port, key) with the TVM library deploy ships for it (tuning records from `db_dir`)."""
     if rounds < 1:
         return None, "--measure-rounds 0: predicted only"
     if not target.runnable_here:
-        return None, (f"target {target.name} does not run here; timing a board over --rpc in the loop is not "
-                      "built: predicted only")
+        if rpc is None:
+            return None, f"target {target.name} does not run here and no --rpc board was given: predicted only"
+        if precision != "fp32":
+            return None, f"--precision {precision}: the loop times boards in fp32 only: predicted only"
+        return tvm_rpc_measure(baseline, structure, target, rpc, db_dir), f"{target.name}-tvm-rpc"
     if target.runtime != "onnxruntime":
         return None, (f"target {target.name} ships {target.runtime}; the loop times onnxruntime only: "
                       "predicted only")
@@ -72,6 +78,38 @@ def ort_measure(baseline: nn.Module, structure: Structure, precision: str = "fp3
             for model, path in zip((copy.deepcopy(baseline), slim(baseline, structure, keep)), paths):
                 ship_onnx(model, structure.input_shape, precision, path, calib=calib)
             return time_ort_pair(paths[0], paths[1], x, runs, threads)
+
+    return measure
+
+
+def tvm_rpc_measure(baseline: nn.Module, structure: Structure, target: Target, rpc: tuple[str, int, str],
+                    db_dir: Path | None = None, runs: int | None = None) -> Measure:
+    """Time `slim(baseline, keep)` and the baseline on a board under the RPC key: both compiled by deploy's TVM
+    path for `target` (cross-compiled where it says so), run in one session, interleaved (bench.MIN_RUNS rounds
+    at least). The baseline is compiled once."""
+    from edgecompact import rpc as ec_rpc
+    from edgecompact.deploy.artifact import compile_onnx
+    from edgecompact.deploy.bench import MIN_RUNS, time_tvm_rpc_pair
+    from edgecompact.deploy.onnx import ship_onnx
+    from edgecompact.deploy.tvm import export_library, tvm_target
+
+    runs = max(MIN_RUNS, runs or MIN_RUNS)
+    x = np.random.default_rng(0).standard_normal((1, *structure.input_shape)).astype(np.float32)
+    device_type = tvm_target(target).get_target_device_type()
+    work = tempfile.TemporaryDirectory(prefix="edgecompact-measure-rpc-")
+    libs: dict[str, Path] = {}
+
+    def library(name: str, model: nn.Module) -> Path:
+        onnx_path = Path(work.name) / f"{name}.onnx"
+        ship_onnx(model, structure.input_shape, "fp32", onnx_path)
+        return export_library(compile_onnx(onnx_path, target, db_dir=db_dir), Path(work.name) / f"{name}.so", target)
+
+    def measure(keep: dict[str, list[int]]) -> tuple[float, float]:
+        if "baseline" not in libs:
+            libs["baseline"] = library("baseline", copy.deepcopy(baseline))
+        compact = library("compact", slim(baseline, structure, keep))
+        board = ec_rpc.request_board(rpc[:2], rpc[2], RPC_WAIT_S)
+        return time_tvm_rpc_pair(libs["baseline"], compact, x, board, runs, device_type)
 
     return measure
 

@@ -33,12 +33,14 @@ def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *
                   run_dir: Path | None = None,
                   seed: int = 0, options: dict | None = None, structure: Structure | None = None,
                   baseline_top1: float | None = None, measure_rounds: int = MEASURE_ROUNDS,
-                  latency: LatencyModel | None = None, log=print) -> SearchContext:
+                  latency: LatencyModel | None = None, rpc: tuple[str, int, str] | None = None,
+                  log=print) -> SearchContext:
     """A SearchContext for `baseline` (already trained) on `data` under `budget` (a Budget or text like '1/3x').
 
     `scratch` is the schedule of a from-scratch training (the protocol's whole epoch budget), needed by the
     from-scratch controls and by `final` "scratch" or "best". A latency budget on a target that runs here is
-    timed there for up to `measure_rounds` rounds (latency_loop.py; 0: predicted only). `latency`: the search's
+    timed there for up to `measure_rounds` rounds (latency_loop.py; 0: predicted only), a board on the RPC server
+    `rpc` (tracker host, port, key) when given. `latency`: the search's
     latency model when the caller already built it (else built here from `target` and `profile`)."""
     if isinstance(budget, str):
         budget = parse_budget(budget)
@@ -49,7 +51,8 @@ def build_context(baseline: nn.Module, data: DataSplits, budget: Budget | str, *
     cost, flops, params, target_cost, baseline_cost = _costs(structure, budget, latency, channel_multiple)
     measure_latency, measure_note = None, ""
     if budget.metric == "latency":
-        measure_latency, measure_note = measurer_for(target, baseline, structure, precision, data, measure_rounds)
+        measure_latency, measure_note = measurer_for(target, baseline, structure, precision, data, measure_rounds,
+                                                     rpc=rpc)
     finetune = finetune or TrainConfig()
     if baseline_top1 is None:
         test = data.report_split
@@ -235,6 +238,18 @@ def search_latency_model(structure: Structure, target, profile: Path | None, *, 
     return latency_model(structure, target, profile, build=_profile_table if needs_ms else None, log=log)
 
 
+def board_address(target, rpc_tracker: str | None, rpc_key: str | None) -> tuple[str, int, str] | None:
+    """(tracker host, port, key) of the boards a search times a target on, or None without --rpc."""
+    if not rpc_tracker:
+        return None
+    from edgecompact.rpc import parse_address
+
+    key = rpc_key or target.rpc_key
+    if not key:
+        raise ConfigError(f"--key: required with --rpc (target {target.name} has no rpc_key)")
+    return (*parse_address(rpc_tracker), key)
+
+
 def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: bool = True,
                baseline_artifact: Path | None = None, rpc_tracker: str | None = None, rpc_key: str | None = None,
                command: str | None = None, log=print) -> dict:
@@ -247,6 +262,7 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     from edgecompact.targets import get_target
 
     target = get_target(spec.target)
+    board = board_address(target, rpc_tracker, rpc_key)  # before any training: a missing key is the user's slip
     get_method(spec.method)  # fail fast on an unknown method
     if not 0 <= spec.distill <= 1:
         raise ConfigError(f"--distill {spec.distill:g}: expected a weight in [0, 1]")
@@ -292,7 +308,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
                         scratch=replace(cfg, epochs=total_epochs(spec), distill_alpha=spec.distill),
                         channel_multiple=multiple, precision=precision, target=target, profile=profile,
                         run_dir=run_dir, seed=spec.seed, options=spec.options, structure=structure,
-                        baseline_top1=base_top1, measure_rounds=measure_rounds, latency=latency, log=log)
+                        baseline_top1=base_top1, measure_rounds=measure_rounds, latency=latency,
+                        rpc=board, log=log)
     lat_source = latency.label
     result_path = run_dir / "result.json"
     if result_path.is_file() and (run_dir / "compact.pt").is_file():

@@ -3,6 +3,7 @@ baseline, and re-fitted at a corrected table target until the measured latency l
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -153,6 +154,63 @@ def test_budgets_on_targets_not_timed_here_say_they_are_predicted_only(make_cont
         "--measure-rounds 0")
     flops = make_context("0.5x")
     assert close_loop(flops, keep, None) == (keep, {})  # other metrics are never timed
+
+
+@pytest.mark.slow
+def test_a_board_is_timed_over_rpc_in_the_loop_with_the_library_deploy_ships(make_context, monkeypatch):
+    """A board reached through a loopback RPC tracker (this CPU, declared not runnable here, as a Raspberry Pi is):
+    the loop times baseline and compact there, paired in one session, and what it timed is the compact network
+    (the library, run here, computes what the slimmed torch model computes)."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from edgecompact import rpc as ec_rpc
+    from edgecompact.deploy import bench
+
+    host = get_target("host")
+    board = replace(host, name="loopboard", runnable_here=False, rpc_key="ec-loop", runtime="tvm")
+    tracker = ec_rpc.start_tracker(port=21190, port_end=21290)
+    server = ec_rpc.start_server(("127.0.0.1", tracker.port), "ec-loop", port=21300, port_end=21400)
+    timed = []
+
+    def spy(lib_a, lib_b, *args, **kw):
+        timed.append((lib_a, lib_b))
+        return real(lib_a, lib_b, *args, **kw)
+
+    real = bench.time_tvm_rpc_pair
+    monkeypatch.setattr(bench, "time_tvm_rpc_pair", spy)
+    try:
+        deadline = time.monotonic() + 30
+        while ec_rpc.servers_under_key(("127.0.0.1", tracker.port), "ec-loop") < 1:
+            assert time.monotonic() < deadline, "the RPC server never registered"
+            time.sleep(0.2)
+        ctx = make_context(parse_budget("0.5x", metric="latency"), target=board,
+                           rpc=("127.0.0.1", tracker.port, "ec-loop"))
+        assert callable(ctx.measure_latency) and ctx.measure_note == "loopboard-tvm-rpc"
+        keep = _uniform(ctx).keep
+        base_ms, ms = ctx.measure_latency(keep)
+        x = np.random.default_rng(0).standard_normal((1, *ctx.structure.input_shape)).astype(np.float32)
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(timed[0][1])), tvm.cpu())
+        got = vm["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
+    finally:
+        server.terminate()
+        tracker.terminate()
+    assert base_ms > 0 and ms > 0 and len(timed) == 1
+    with torch.no_grad():
+        want = slim(ctx.baseline, ctx.structure, keep).eval()(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_a_board_without_an_rpc_key_is_refused_in_one_line():
+    from edgecompact.errors import ConfigError
+    from edgecompact.pipeline import board_address
+
+    rpi4 = get_target("rpi4")
+    assert board_address(rpi4, "127.0.0.1:9190", None) == ("127.0.0.1", 9190, rpi4.rpc_key)
+    assert board_address(rpi4, None, None) is None
+    with pytest.raises(ConfigError, match="--key: required with --rpc"):
+        board_address(replace(rpi4, rpc_key=None), "127.0.0.1:9190", None)
 
 
 def test_negative_measure_rounds_are_refused_before_any_work(tmp_path):

@@ -212,6 +212,28 @@ def time_tvm_pair(lib_a: Path, lib_b: Path, x: np.ndarray, runs: int = MIN_RUNS,
     return paired_median_ms(call(vms[0]), call(vms[1]), runs)
 
 
+def time_tvm_rpc_pair(lib_a: Path, lib_b: Path, x: np.ndarray, board: tuple[str, int, str], runs: int = MIN_RUNS,
+                      device_type: int = 1) -> tuple[float, float]:
+    """Median ms of two libraries on one board (from `rpc.request_board`), interleaved in one session: each of
+    `runs` rounds times one call of each on the board's own timer (time_evaluator), the board's load shared."""
+    from edgecompact import rpc as ec_rpc
+
+    session = ec_rpc.connect_board(board)
+    dev = session.device(device_type, 0)
+    timers = []
+    for lib in (lib_a, lib_b):
+        session.upload(str(lib))
+        vm = relax.VirtualMachine(session.load_module(Path(lib).name), dev)
+        inp = tvm.runtime.tensor(x, dev)
+        vm["main"](inp)  # warm-up: first-call allocation and caches
+        timers.append((vm.time_evaluator("main", dev, number=1, repeat=1), inp))
+    a, b = [], []
+    for _ in range(runs):
+        for out, (timer, inp) in zip((a, b), timers, strict=True):
+            out.append(float(timer(inp).results[0]) * 1e3)
+    return float(np.median(a)), float(np.median(b))
+
+
 def time_torch_pair(model_a: nn.Module, model_b: nn.Module, x: np.ndarray,
                     runs: int = MIN_RUNS) -> tuple[float, float]:
     """torch eager median ms of two models on the same input, interleaved (no_grad, eval)."""
