@@ -51,6 +51,19 @@ def test_table_says_whose_top1_a_reduced_precision_row_holds():
     assert "| random | resnet20 | digits | 96.9 | int8 (fake-quant proxy) |  | 97.1 |" in md
 
 
+def test_baseline_row_shows_the_runtime_its_compacts_are_timed_in():
+    """The baseline is fastest on onnxruntime, its compact on TVM (timed beside a TVM baseline): the table's two ms
+    must be one runtime's pair, the one the speedup is the ratio of."""
+    base = {"name": "baseline", "mflops": 1.0, "top1": 50.0, "latency_ms": {"host-tvm": 0.0465, "host-ort": 0.044}}
+    comp = {"name": "group-lasso", "mflops": 0.5, "top1": 49.0,
+            "latency_ms": {"host-tvm": 0.0296, "host-tvm-baseline": 0.0465, "host-ort": 0.0569,
+                           "host-ort-baseline": 0.044}, "measured_speedup": {"host-tvm": 1.571, "host-ort": 0.773}}
+    rows = [line for line in markdown_table(bench_document("search", "c", "p", [base, comp])).splitlines()
+            if line.startswith(("| baseline", "| group-lasso"))]
+    assert "0.046 (host-tvm)" in rows[0] and "| 1.00x |" in rows[0]
+    assert "0.030 (host-tvm)" in rows[1] and "1.57x" in rows[1]
+
+
 def test_report_of_a_malformed_file_names_it(tmp_path):
     bad = tmp_path / "report.json"
     bad.write_text(json.dumps({"results": 3}))
