@@ -68,8 +68,11 @@ OnMeasure = Callable[[LayerKey, int, int, float], None]
 Runs = Callable[[int], list[float]]
 
 
-def layer_module(key: LayerKey, c_in: int, c_out: int) -> tuple[tvm.IRModule, list[np.ndarray]]:
-    """The Relax module of one layer at (c_in, c_out) and random inputs for it (activation, weight, bias).
+def layer_module(key: LayerKey, c_in: int, c_out: int) -> tuple[tvm.IRModule, list[np.ndarray], list[np.ndarray]]:
+    """(the Relax module of one layer at (c_in, c_out), its input [activation], its random [weight, bias]).
+
+    The weight and bias are bound as constants, as in a whole model imported from ONNX, so the compile path
+    prepacks them exactly as it does there; `main` takes the activation alone.
 
     A conv is conv2d + bias + ReLU and a linear layer matmul + bias, as they appear after ONNX export with
     BatchNorm folded; the default pipeline fuses the epilogue into the conv, as it does in a whole model.
@@ -96,7 +99,9 @@ def layer_module(key: LayerKey, c_in: int, c_out: int) -> tuple[tvm.IRModule, li
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     rng = np.random.default_rng(0)
-    return bb.get(), [rng.standard_normal(s).astype(dtype) for s in shapes]
+    arrays = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    mod = relax.transform.BindParams("main", {"w": arrays[1], "b": arrays[2]})(bb.get())
+    return mod, arrays[:1], arrays[1:]
 
 
 def _padding(key: LayerKey) -> tuple[int, int, int, int]:
@@ -299,7 +304,7 @@ def profile(
                     record(job, _ort_layer_ms(job[0], job[3], job[4], threads))
             else:
                 for job in todo:
-                    mod, args = layer_module(job[0], job[3], job[4])
+                    mod, args, _ = layer_module(job[0], job[3], job[4])
                     ex = compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir)
                     record(job, timed_ms(tvm_runs(ex, args)))
         finally:
@@ -415,7 +420,7 @@ def _profile_rpc(
                 try:
                     lib = Path(tmp) / f"layer{wid}.so"
                     with compile_lock:  # Relax's BlockBuilder stack is process-wide: one builder at a time
-                        mod, args = layer_module(job[0], job[3], job[4])
+                        mod, args, _ = layer_module(job[0], job[3], job[4])
                         ex = compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir)
                         export_library(ex, lib, target)
                     board = ec_rpc.request_board(tracker, key, RPC_TIMEOUT_S)

@@ -204,7 +204,11 @@ def test_tuning_speeds_up_and_reuses_records_for_shared_shapes(tmp_path):
     assert again["tuned_tasks"] == 0 and again["reused_tasks"] == first["tasks"]
     ex = etvm.compile_relax(mod, get_target("host"), db_dir=tmp_path / "db")
     x = np.random.default_rng(4).standard_normal((1, 3, 16, 16)).astype(np.float32)
-    assert np.abs(_tvm_run(ex, x) - _torch(model, x)).max() <= 1e-4
+    assert np.abs(_tvm_run(ex, x) - _torch(model, x)).max() <= 1e-4  # main takes the input alone, as before
+    # the tuned convs read weights prepacked at compile time into their loops' layout
+    from edgecompact.deploy.opprofile import tvm_calls
+
+    assert any(name.endswith("_prepacked") for name, _ in tvm_calls(ex, x))
 
 
 @pytest.mark.parametrize("stamp", [{"cpu": "x86_64-amd-epyc-7b13-0123abcd", "cpu_describe": "AMD EPYC 7B13 (avx2)"},

@@ -100,6 +100,18 @@ def test_match_pairs_by_shape_and_occurrence_not_by_position():
                      ("a_c2", "b_c2"), ("a_c3", "b_c3"), ("a_only", None)]
 
 
+def test_a_prepacked_conv_keeps_its_kernel_and_fan_in():
+    """Shapes of a tuned, prepacked module (3->16 and 16->16 3x3 convs at 16x16): the weight's tiled layout holds
+    the same O x I x 3 x 3 values, so the op matches onnxruntime's conv and counts the same FLOPs."""
+    a = op.tvm_op("fused_conv2d_add_relu1_prepacked", [(1, 3, 16, 16), (2, 2, 3, 2, 3, 3, 2), (2, 2, 4),
+                                                       (1, 16, 16, 16)])
+    b = op.tvm_op("fused_conv2d1_add_relu1_prepacked", [(1, 16, 16, 16), (2, 8, 8, 2, 3, 3), (1, 16),
+                                                        (1, 16, 16, 16)])
+    dw = op.tvm_op("fused_conv2d2_prepacked", [(1, 16, 8, 8), (16, 1, 3, 3, 1), (1, 16, 8, 8)])
+    assert (a.kernel, a.fan_in, b.kernel, b.fan_in, dw.kernel, dw.fan_in) == ((3, 3), 27, (3, 3), 144, (3, 3), 9)
+    assert a.key == _conv("x", 3, 16, 16).key and a.flops == 2 * 16 * 16 * 16 * 27
+
+
 def test_kinds_and_descriptions():
     assert op.tvm_kind("fused_conv2d3_add2_add3_relu1") == "conv"
     assert op.tvm_kind("fused_matmul_add6") == "dense"

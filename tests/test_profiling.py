@@ -83,10 +83,10 @@ def test_layer_module_computes_the_layer_as_torch_does(key, c_in, c_out):
     from edgecompact.deploy.tvm import compile_relax
 
     key = LayerKey.parse(key)
-    mod, args = layer_module(key, c_in, c_out)
+    mod, inputs, weights = layer_module(key, c_in, c_out)
     vm = relax.VirtualMachine(compile_relax(mod, HOST), tvm.cpu())
-    got = vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
-    want = _torch_layer(key, *args)
+    got = vm["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy()  # the weights are the module's constants
+    want = _torch_layer(key, *inputs, *weights)
     assert got.shape == want.shape and tuple(want.shape[2:]) == (key.out_hw if key.op != "linear" else ())
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -124,8 +124,8 @@ def test_layer_graphs_of_a_grouped_conv_are_the_slimmed_torch_conv():
     assert [a.i for a in onnx_model.graph.node[0].attribute if a.name == "group"] == [conv.groups]
     flops = 2 * weights["w"].size * 16 * 16
     assert flops == torch_flops(conv, (c_in, 16, 16)) == layer_flops(layer, c_in, c_out)
-    _, args = layer_module(key, 0, c_out)
-    assert args[0].shape == feeds["x"].shape and args[1].shape == weights["w"].shape
+    _, inputs, bound = layer_module(key, 0, c_out)
+    assert inputs[0].shape == feeds["x"].shape and bound[0].shape == weights["w"].shape
     # the one-layer graph with the slimmed conv's own weights computes that conv (+ ReLU)
     onnx_model.graph.initializer[0].CopyFrom(numpy_helper.from_array(conv.weight.detach().numpy(), "w"))
     onnx_model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.zeros(c_out, np.float32), "b"))

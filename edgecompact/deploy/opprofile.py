@@ -15,6 +15,7 @@ the conv they are fused into on both sides.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from collections import defaultdict, deque
@@ -108,10 +109,26 @@ def tvm_op(name: str, arg_shapes: list[tuple[int, ...]], us: float = float("nan"
     """An Op from a TVM kernel call: destination-passing style, so the first argument is the data input,
     the last the output, and a conv's second argument its weight (O, I/groups, kh, kw)."""
     kind = tvm_kind(name)
-    conv = kind == "conv" and len(arg_shapes) > 2 and len(arg_shapes[1]) == 4
-    kernel = tuple(arg_shapes[1][2:]) if conv else None
-    fan_in = arg_shapes[1][1] * arg_shapes[1][2] * arg_shapes[1][3] if conv else None
+    kernel = fan_in = None
+    if kind == "conv" and len(arg_shapes) > 2 and len(arg_shapes[1]) == 4:
+        kernel, fan_in = tuple(arg_shapes[1][2:]), arg_shapes[1][1] * arg_shapes[1][2] * arg_shapes[1][3]
+    elif kind == "conv" and len(arg_shapes) > 2 and len(arg_shapes[0]) == len(arg_shapes[-1]) == 4:
+        kernel, fan_in = _prepacked_kernel(math.prod(arg_shapes[1]), arg_shapes[0][1], arg_shapes[-1][1])
     return Op(name, kind, tuple(arg_shapes[0]), tuple(arg_shapes[-1]), kernel, us, fan_in)
+
+
+def _prepacked_kernel(size: int, c_in: int, c_out: int) -> tuple[tuple[int, int] | None, int | None]:
+    """(square kernel, fan-in) of a conv whose weight the compile path prepacked (a tiled layout of the same
+    O x I/groups x kh x kw values): fan-in = size / O; the kernel is square, dense (I/groups = I) or depthwise
+    (I/groups = 1). (None, None) when the size fits neither."""
+    if c_out <= 0 or size % c_out:
+        return None, None
+    fan_in = size // c_out
+    for per_group in (c_in, 1):
+        k = math.isqrt(fan_in // per_group) if fan_in % per_group == 0 else 0
+        if k and k * k * per_group == fan_in:
+            return (k, k), fan_in
+    return None, None
 
 
 def ort_op(name: str, op_type: str, input_shapes: list[tuple[int, ...]], output_shapes: list[tuple[int, ...]],

@@ -113,12 +113,30 @@ def _stamp_db(db_dir: Path, target: Target) -> None:
 
 
 def _prepare(mod: tvm.IRModule, tgt: tvm.target.Target) -> tvm.IRModule:
-    """Legalize and fuse: the module whose fused TIR functions are the tuning tasks and database keys."""
+    """Legalize and fuse: the module whose fused TIR functions are the tuning tasks and database keys. On a CPU
+    the weights (constants) are marked layout-free, so that a tuned schedule may store them in the layout its
+    loops read (MetaSchedule's layout rewrite; `_prepack` then computes that layout once, at compile time)."""
     with tgt:
         return tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
             relax.transform.CanonicalizeBindings(),
             relax.get_pipeline("zero"),
+            *([] if is_gpu(tgt) else [relax.transform.AttachAttrLayoutFreeBuffers()]),
+        ])(mod)
+
+
+def _prepack(mod: tvm.IRModule, tgt: tvm.target.Target) -> tvm.IRModule:
+    """Weight prepacking (TVM's `static_shape_tuning_pipeline(cpu_weight_prepack=True)`, after the database is
+    applied): the weight layout transforms a tuned schedule asked for are split out and, the weights being
+    constants, folded into prepacked constants. `main` still takes the input alone: the artifact hides the
+    transform-params step, so run.py and bench call it as before."""
+    if is_gpu(tgt):
+        return mod
+    with tgt:
+        return tvm.transform.Sequential([
+            relax.transform.SplitLayoutRewritePreproc(),
+            relax.transform.LiftTransformParams(),
+            relax.transform.FoldConstant(),
         ])(mod)
 
 
@@ -183,7 +201,7 @@ def compile_tuned(mod: tvm.IRModule, target: Target, *, tune_trials: int = 0,
         with tgt:
             prepared = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                                dl.gpu.GeneralReduction(), dl.gpu.Fallback())(prepared)
-    return relax.build(prepared, target=tgt), summary
+    return relax.build(_prepack(prepared, tgt), target=tgt), summary
 
 
 def set_num_threads(n: int) -> None:
