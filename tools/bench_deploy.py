@@ -22,6 +22,7 @@ from edgecompact.budget import fit_uniform
 from edgecompact.cost.flops import arch_flops, module_flops, module_params
 from edgecompact.deploy.artifact import export_artifact
 from edgecompact.deploy.bench import bench_artifacts
+from edgecompact.deploy.peak import fp32_peak_gflops
 from edgecompact.deploy.tvm import default_db_dir
 from edgecompact.errors import ConfigError
 from edgecompact.models import create_model
@@ -104,9 +105,11 @@ def main() -> None:
                 f"{args.threads} thread(s) for torch/ORT/TVM, median of {args.runs} runs after warm-up, "
                 f"same process; TVM MetaSchedule {args.tune_trials} trials per conv/matmul task")
     out = bench_document("deploy", "python " + " ".join(sys.argv), protocol, records)
+    peak = fp32_peak_gflops()
+    out["peak"] = peak  # the yardstick beside every timing: one core's measured fp32 FMA GFLOP/s
     out["machine"] = (f"{out['machine']}; LLVM mcpu {tvm.target.codegen.llvm_get_system_cpu()}, "
-                      f"{torch.get_num_threads()} torch thread(s), "
-                      "shared with other jobs")
+                      f"{torch.get_num_threads()} torch thread(s), measured fp32 peak {peak['gflops_per_core']} "
+                      "GFLOP/s per core, shared with other jobs")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     keys = list(base["latency_ms"])
