@@ -27,6 +27,7 @@ from tvm.relax.frontend.onnx import from_onnx
 from edgecompact.deploy import bench, opprofile
 from edgecompact.deploy import onnx as eonnx
 from edgecompact.deploy import tvm as etvm
+from edgecompact.deploy.artifact import relax_module
 from edgecompact.deploy.peak import fp32_peak_gflops
 from edgecompact.models import create_model
 from edgecompact.report import bench_document, machine
@@ -135,6 +136,8 @@ def _markdown(out: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--onnx", type=Path, default=None,
+                    help="time this exported model instead of --model (e.g. a search's deploy/host/compact/model.onnx)")
     ap.add_argument("--input-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="threads of both runtimes (and of tuning measurements)")
     ap.add_argument("--e2e-threads", default="1,2", help="thread counts of the end-to-end comparison")
@@ -153,12 +156,19 @@ def main() -> None:
 
     target = get_target("host")
     db = args.db or etvm.default_db_dir(target)
-    shape = (1, 3, args.input_size, args.input_size)
-    model = create_model(args.model, input_size=args.input_size).eval()
     args.work.mkdir(parents=True, exist_ok=True)
-    onnx_path = args.work / "model.onnx"
-    eonnx.export_onnx(model, shape, onnx_path)
-    mod = from_onnx(onnx.load(str(onnx_path)), shape_dict={eonnx.INPUT_NAME: list(shape)})
+    if args.onnx is not None:  # a compact (or any exported model): its own input shape
+        if not args.onnx.is_file():
+            sys.exit(f"error: --onnx {args.onnx}: no such file")
+        onnx_path, args.model = args.onnx, str(args.onnx)
+        mod, spec = relax_module(onnx_path)
+        shape = tuple(spec[1])
+    else:
+        shape = (1, 3, args.input_size, args.input_size)
+        model = create_model(args.model, input_size=args.input_size).eval()
+        onnx_path = args.work / "model.onnx"
+        eonnx.export_onnx(model, shape, onnx_path)
+        mod = from_onnx(onnx.load(str(onnx_path)), shape_dict={eonnx.INPUT_NAME: list(shape)})
 
     tuning: dict[str, Any] = {"trials_per_task": args.tune_trials, "db": str(db)}
     if args.tune_trials > 0:
