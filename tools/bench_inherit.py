@@ -23,7 +23,7 @@ from edgecompact.errors import UserError
 from edgecompact.methods import run_method
 from edgecompact.models import create_model
 from edgecompact.pipeline import build_context
-from edgecompact.report import bench_document
+from edgecompact.report import bench_document, source_commit
 from edgecompact.train import TrainConfig, evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 res = run_method(name, replace(ctx, run_dir=work / "inherit-study" / f"lr{lr:g}" / name))
                 rows.append({"name": name, "seed": seed, "lr": lr, "top1_val": round(evaluate(res.model, data.val), 2),
-                             "top1": res.metrics["top1"], "mflops": res.metrics["mflops"]})
+                             "top1": res.metrics["top1"], "mflops": res.metrics["mflops"],
+                             "commit": source_commit(ROOT)})
                 write(a.out, command, proto, rows)
                 print(rows[-1], flush=True)
 
