@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "defaults.json")
     ap.add_argument("--table-only", action="store_true", help="rebuild the table from the finished runs")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs", help="where the variant runs keep their rows")
     a = ap.parse_args(argv)
     command = "python tools/bench_defaults.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for method in a.methods:
@@ -51,29 +52,29 @@ def main(argv: list[str] | None = None) -> None:
             if a.table_only or (a.variants and variant not in a.variants):
                 continue
             args = [*PROTOCOL, "--methods", method, "--seeds", *map(str, a.seeds),
-                    *[x for s in sets for x in ("--set", f"{method}.{s}")], "--out", str(variant_out(method, variant))]
+                    *[x for s in sets for x in ("--set", f"{method}.{s}")], "--out", str(variant_out(a.runs, method, variant))]
             print(f"=== {method} {variant}", flush=True)
             r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_methods.py"), *args], check=False)
             if r.returncode:
                 sys.exit(f"error: {method} {variant} failed (exit {r.returncode}); re-run to resume")
-            write_table(a.out, command)
-    write_table(a.out, command)
+            write_table(a.out, command, a.runs)
+    write_table(a.out, command, a.runs)
     if a.out.with_suffix(".md").is_file():
         print(a.out.with_suffix(".md").read_text())
     else:
         print("no finished variant yet")
 
 
-def variant_out(method: str, variant: str) -> Path:
-    return ROOT / "runs" / "bench-defaults" / f"{method}-{variant.replace('=', '_')}.json"
+def variant_out(runs: Path, method: str, variant: str) -> Path:
+    return runs / "bench-defaults" / f"{method}-{variant.replace('=', '_')}.json"
 
 
-def write_table(out: Path, command: str) -> None:
+def write_table(out: Path, command: str, runs: Path) -> None:
     """Collect every finished variant row into one document and its table (mean, std over seeds; the choice)."""
     rows = []
     for method, variants in VARIANTS.items():
         for variant, sets in variants.items():
-            path = variant_out(method, variant)
+            path = variant_out(runs, method, variant)
             if not path.is_file():
                 continue
             for r in json.loads(path.read_text())["results"]:  # one row per method, its seeds in per_seed
@@ -91,13 +92,31 @@ def write_table(out: Path, command: str) -> None:
     for method, variants in VARIANTS.items():
         sel = {v: [r for r in rows if r["name"] == method and r["variant"] == v] for v in variants}
         sel = {v: rs for v, rs in sel.items() if rs}
-        full = {v: rs for v, rs in sel.items() if len(rs) == max(len(x) for x in sel.values())} if sel else {}
-        best = max(full, key=lambda v: statistics.fmean(r["top1_val"] for r in full[v])) if full else None
         for v, rs in sel.items():
             lines.append(f"| {method} | {v} | {','.join(str(r['seed']) for r in rs)} | {_ms(rs, 'top1_val')} | "
                          f"{_ms(rs, 'top1')} | {statistics.fmean(r['mflops'] for r in rs):.2f} | "
-                         f"{'/'.join(r['final'] for r in rs)} | {'**chosen**' if v == best else ''} |")
+                         f"{'/'.join(r['final'] for r in rs)} | {choice(sel, v)} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def choice(sel: dict[str, list[dict]], variant: str) -> str:
+    """The verdict on `variant`: the best mean validation top-1 among the variants with every seed changes the
+    default only when it beats the default's by more than one std (the larger of the two); else a tie."""
+    full = {v: rs for v, rs in sel.items() if len(rs) == max(len(x) for x in sel.values()) and len(rs) > 1}
+    if variant not in full or "default" not in full:
+        return "" if variant in full or variant == "default" else "(seeds missing)"
+    def val(v: str) -> float:
+        return statistics.fmean(r["top1_val"] for r in full[v])
+    best = max(full, key=val)
+    if variant != best:
+        return ""
+    if best == "default":
+        return "**best: default kept**"
+    std = max(statistics.stdev(r["top1_val"] for r in full[v]) for v in (best, "default"))
+    margin = val(best) - val("default")
+    if margin > std:
+        return f"**best, beyond one std (+{margin:.2f} > {std:.2f}): new default**"
+    return f"best mean, a tie with the default (+{margin:.2f} <= std {std:.2f}): default kept"
 
 
 def _ms(rows: list[dict], key: str) -> str:
