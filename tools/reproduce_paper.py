@@ -71,8 +71,12 @@ README_TABLES = [
     ["tools/bench_baselines.py", "--train"],
     ["tools/bench_deploy.py", "--model", "resnet32", "--input-size", "32", "--arch-from",
      "benchmarks/methods_resnet32_depth.json:gensynth", "--tune-trials", "32", "--runs", "200"],
-    ["tools/bench_operators.py", "--tune-trials", "32"],
-    ["tools/bench_structure.py"],
+    ["tools/bench_operators.py", "--tune-trials", "32", "--out", "benchmarks/operators_prepack.json"],
+    ["tools/bench_operators.py", "--model", "resnet32", "--tune-trials", "32", "--out",
+     "benchmarks/operators_prepack_resnet32.json"],
+    ["tools/bench_structure.py", "--nets", "200"],
+    ["tools/bench_defaults.py", "--methods", "morphnet", "gensynth", "--seeds", "0", "1", "2"],
+    ["tools/bench_inherit.py", "--seeds", "0", "1", "2", "--lrs", "0.01", "0.05", "--methods", "uniform", "group-lasso"],
 ]
 
 
@@ -129,7 +133,8 @@ def main() -> None:
     ap.add_argument("--imagenet64", help="Downsampled ImageNet 64x64 npz directory (full scale)")
     ap.add_argument("--only", choices=[name for name, _ in CPU], default=None, help="cpu scale: run one protocol")
     ap.add_argument("--all", action="store_true", help="cpu scale: then every other table the README quotes "
-                    "(predictor, precision, baselines, deploy, operators, structure), each by its own command")
+                    "(predictor, precision, baselines, deploy, operators, structure, defaults, inherit), each by its own "
+                    "command")
     ap.add_argument("--tables-only", action="store_true",
                     help="only rewrite benchmarks/paper_table.md from the JSON files already there")
     a = ap.parse_args()
