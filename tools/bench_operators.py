@@ -4,7 +4,7 @@ Exports the model to ONNX (verified against torch), MetaSchedule-tunes it for th
 tuning database (tasks already tuned there with >= --tune-trials trials are reused), compiles it, then times
 every operator in both runtimes (edgecompact.deploy.opprofile: TVM kernel calls one by one with
 time_evaluator, onnxruntime nodes with its profiler), matches them by conv shape, and times both end to end,
-interleaved, at each --e2e-threads count. Writes benchmarks/operators.json and benchmarks/operators.md
+interleaved, at each --e2e-threads count. Writes benchmarks/operators_prepack.json and .md (default --out)
 (format: ../shared/BENCHMARKS.md).
 """
 
@@ -147,7 +147,7 @@ def main() -> None:
                     help="JSON summary of the earlier run that tuned this db (recorded when this run reuses it)")
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--work", type=Path, default=Path("runs/bench_operators"))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/operators.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/operators_prepack.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     etvm.set_num_threads(args.threads)  # before tuning: the tuner's runner workers inherit TVM_NUM_THREADS

@@ -71,7 +71,7 @@ README_TABLES = [
     ["tools/bench_baselines.py", "--train"],
     ["tools/bench_deploy.py", "--model", "resnet32", "--input-size", "32", "--arch-from",
      "benchmarks/methods_resnet32_depth.json:gensynth", "--tune-trials", "32", "--runs", "200"],
-    ["tools/bench_operators.py", "--tune-trials", "32", "--out", "benchmarks/operators_prepack.json"],
+    ["tools/bench_operators.py", "--tune-trials", "32"],
     ["tools/bench_operators.py", "--model", "resnet32", "--tune-trials", "32", "--out",
      "benchmarks/operators_prepack_resnet32.json"],
     ["tools/bench_structure.py", "--nets", "200"],
