@@ -109,6 +109,9 @@ def test_a_prepacked_conv_keeps_its_kernel_and_fan_in():
                                                         (1, 16, 16, 16)])
     dw = op.tvm_op("fused_conv2d2_prepacked", [(1, 16, 8, 8), (16, 1, 3, 3, 1), (1, 16, 8, 8)])
     assert (a.kernel, a.fan_in, b.kernel, b.fan_in, dw.kernel, dw.fan_in) == ((3, 3), 27, (3, 3), 144, (3, 3), 9)
+    # a prepacked weight can be 4-D in another order (3->8 at 32x32: (3, 3, 3, 8), not O x I x kh x kw)
+    four = op.tvm_op("fused_conv2d_add_relu1_prepacked", [(1, 3, 32, 32), (3, 3, 3, 8), (8,), (1, 8, 32, 32)])
+    assert (four.kernel, four.fan_in) == ((3, 3), 27)
     assert a.key == _conv("x", 3, 16, 16).key and a.flops == 2 * 16 * 16 * 16 * 27
 
 

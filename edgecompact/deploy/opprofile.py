@@ -110,7 +110,8 @@ def tvm_op(name: str, arg_shapes: list[tuple[int, ...]], us: float = float("nan"
     the last the output, and a conv's second argument its weight (O, I/groups, kh, kw)."""
     kind = tvm_kind(name)
     kernel = fan_in = None
-    if kind == "conv" and len(arg_shapes) > 2 and len(arg_shapes[1]) == 4:
+    plain = not name.endswith("_prepacked")  # a prepacked weight may be 4-D too, in another order
+    if kind == "conv" and len(arg_shapes) > 2 and len(arg_shapes[1]) == 4 and plain:
         kernel, fan_in = tuple(arg_shapes[1][2:]), arg_shapes[1][1] * arg_shapes[1][2] * arg_shapes[1][3]
     elif kind == "conv" and len(arg_shapes) > 2 and len(arg_shapes[0]) == len(arg_shapes[-1]) == 4:
         kernel, fan_in = _prepacked_kernel(math.prod(arg_shapes[1]), arg_shapes[0][1], arg_shapes[-1][1])
