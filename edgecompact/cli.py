@@ -222,8 +222,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from edgecompact import profiling
     from edgecompact.cost.latency import default_table_path
     from edgecompact.deploy import tvm as etvm
-    from edgecompact.pipeline import search_multiple
-    from edgecompact.rpc import parse_address
+    from edgecompact.pipeline import board_address, search_multiple
     from edgecompact.structure import analyze
     from edgecompact.targets import get_target
 
@@ -232,12 +231,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     model, size, _ = _resolve_model(args, args.model)
     structure = analyze(model, (args.in_channels, size, size), args.model)
     out = Path(args.out) if args.out else default_table_path(target, args.model)
-    rpc = None
-    if args.rpc:
-        key = args.key or target.rpc_key
-        if not key:
-            raise ConfigError("--key: required with --rpc (the target has no rpc_key)")
-        rpc = (*parse_address(args.rpc), key)
+    rpc = board_address(target, args.rpc, args.key)
     etvm.set_num_threads(args.threads)
     table = profiling.profile(structure, target, out, rpc=rpc, runtime=args.runtime, threads=args.threads,
                               tune_trials=args.tune_trials)

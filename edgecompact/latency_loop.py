@@ -30,16 +30,16 @@ if TYPE_CHECKING:
 
 MEASURE_ROUNDS = 3  # timed rounds at most: the method's own widths, then re-fits (`--measure-rounds`)
 
-RPC_WAIT_S = 60.0  # longest wait for a free board under the key
 Measure = Callable[[dict[str, list[int]]], tuple[float, float]]  # keep -> (baseline ms, compact ms), paired
 
 
 def measurer_for(target: Target, baseline: nn.Module, structure: Structure, precision: str, data: DataSplits,
-                 rounds: int = MEASURE_ROUNDS, rpc: tuple[str, int, str] | None = None,
-                 db_dir: Path | None = None) -> tuple[Measure | None, str]:
+                 rounds: int = MEASURE_ROUNDS, rpc: tuple[str, int, str] | None = None
+                 ) -> tuple[Measure | None, str]:
     """(the measurement of `target`'s runtime and its key, e.g. "host-ort", "rpi4-tvm-rpc"), or (None, why the
     latency stays predicted only). A target that runs here is timed here on its runtime; a board is timed over
-    `rpc` (tracker host, port, key) with the TVM library deploy ships for it (tuning records from `db_dir`)."""
+    `rpc` (tracker host, port, key) with the TVM library deploy ships for it (untuned, as deploy builds a board's
+    library without a tuning database)."""
     if rounds < 1:
         return None, "--measure-rounds 0: predicted only"
     if not target.runnable_here:
@@ -47,7 +47,7 @@ def measurer_for(target: Target, baseline: nn.Module, structure: Structure, prec
             return None, f"target {target.name} does not run here and no --rpc board was given: predicted only"
         if precision != "fp32":
             return None, f"--precision {precision}: the loop times boards in fp32 only: predicted only"
-        return tvm_rpc_measure(baseline, structure, target, rpc, db_dir), f"{target.name}-tvm-rpc"
+        return tvm_rpc_measure(baseline, structure, target, rpc), f"{target.name}-tvm-rpc"
     if target.runtime != "onnxruntime":
         return None, (f"target {target.name} ships {target.runtime}; the loop times onnxruntime only: "
                       "predicted only")
@@ -83,7 +83,7 @@ def ort_measure(baseline: nn.Module, structure: Structure, precision: str = "fp3
 
 
 def tvm_rpc_measure(baseline: nn.Module, structure: Structure, target: Target, rpc: tuple[str, int, str],
-                    db_dir: Path | None = None, runs: int | None = None) -> Measure:
+                    runs: int | None = None) -> Measure:
     """Time `slim(baseline, keep)` and the baseline on a board under the RPC key: both compiled by deploy's TVM
     path for `target` (cross-compiled where it says so), run in one session, interleaved (bench.MIN_RUNS rounds
     at least). The baseline is compiled once."""
@@ -102,13 +102,13 @@ def tvm_rpc_measure(baseline: nn.Module, structure: Structure, target: Target, r
     def library(name: str, model: nn.Module) -> Path:
         onnx_path = Path(work.name) / f"{name}.onnx"
         ship_onnx(model, structure.input_shape, "fp32", onnx_path)
-        return export_library(compile_onnx(onnx_path, target, db_dir=db_dir), Path(work.name) / f"{name}.so", target)
+        return export_library(compile_onnx(onnx_path, target), Path(work.name) / f"{name}.so", target)
 
     def measure(keep: dict[str, list[int]]) -> tuple[float, float]:
         if "baseline" not in libs:
             libs["baseline"] = library("baseline", copy.deepcopy(baseline))
         compact = library("compact", slim(baseline, structure, keep))
-        board = ec_rpc.request_board(rpc[:2], rpc[2], RPC_WAIT_S)
+        board = ec_rpc.request_board(rpc[:2], rpc[2], ec_rpc.REQUEST_TIMEOUT_S)
         return time_tvm_rpc_pair(libs["baseline"], compact, x, board, runs, device_type)
 
     return measure

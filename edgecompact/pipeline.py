@@ -262,7 +262,8 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     from edgecompact.targets import get_target
 
     target = get_target(spec.target)
-    board = board_address(target, rpc_tracker, rpc_key)  # before any training: a missing key is the user's slip
+    # a board's address, checked before any training (a missing key is the user's slip); targets run here use none
+    board = None if target.runnable_here else board_address(target, rpc_tracker, rpc_key)
     get_method(spec.method)  # fail fast on an unknown method
     if not 0 <= spec.distill <= 1:
         raise ConfigError(f"--distill {spec.distill:g}: expected a weight in [0, 1]")

@@ -58,7 +58,6 @@ STATISTIC = (
 # Untuned (TVM's default CPU pipeline: naive conv loops). Tuning is per grid point (~150 s for 16 trials
 # of one layer here), so a tuned ResNet-32 table (185 points) would take about 8 hours on 2 cores.
 DEFAULT_TUNE_TRIALS = 0
-RPC_TIMEOUT_S = 60.0  # longest wait for a free server before a job is given up
 RPC_TRIES = 3  # attempts per grid point when servers die under it
 RPC_JOB_TIMEOUT_S = 120.0  # longest a board may take to accept a session and time one point
 
@@ -423,7 +422,7 @@ def _profile_rpc(
                         mod, args, _ = layer_module(job[0], job[3], job[4])
                         ex = compile_relax(mod, target, tune_trials=tune_trials, db_dir=db_dir)
                         export_library(ex, lib, target)
-                    board = ec_rpc.request_board(tracker, key, RPC_TIMEOUT_S)
+                    board = ec_rpc.request_board(tracker, key, ec_rpc.REQUEST_TIMEOUT_S)
                 except Exception as e:  # noqa: BLE001 -- a compile failure, no free board, no tracker: the end
                     events.put((wid, "fatal", job, tries, e))
                     return

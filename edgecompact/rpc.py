@@ -20,6 +20,7 @@ from edgecompact.errors import ConfigError, DeployError
 
 LOOPBACK = "127.0.0.1"
 CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 60.0  # longest wait for a free server under a key before a job is given up
 
 
 def parse_address(text: str, argument: str = "--rpc") -> tuple[str, int]:

@@ -12,7 +12,7 @@ import contextlib
 import copy
 import json
 from dataclasses import asdict, dataclass, field, replace
-from itertools import pairwise
+from itertools import accumulate, pairwise
 from pathlib import Path
 
 import torch
@@ -286,7 +286,7 @@ def _fixes_channels(node) -> bool:
     return node.type == tp.ops.OPTYPE.ELEMENTWISE and name.startswith(_REORDERING_GRAD_FNS)
 
 
-class _ConcatSizes(TorchFunctionMode):
+class _TracedShapes(TorchFunctionMode):
     """Records the widths of every channel concat's inputs and every channel split's outputs of a forward, and
     each reshape's (input dims, output dims), keyed by the op's grad_fn."""
 
@@ -329,10 +329,7 @@ def _map_split(node, sizes: list[int]) -> None:
     if len(nrs) != len(node.outputs) or nrs != list(range(len(sizes))):
         return  # an unused output or a consumer reading two outputs: left to torch-pruning
     node.outputs.sort(key=lambda out: order[out])
-    offsets = [0]
-    for c in sizes:
-        offsets.append(offsets[-1] + c)
-    node.module.split_sizes, node.module.offsets = list(sizes), offsets
+    node.module.split_sizes, node.module.offsets = list(sizes), [0, *accumulate(sizes)]
 
 
 @contextlib.contextmanager
@@ -381,7 +378,7 @@ def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGr
     """
     from torch_pruning.dependency.index_mapping import _ConcatIndexMapping, update_index_mapping
 
-    recorder = _ConcatSizes()
+    recorder = _TracedShapes()
     with torch.enable_grad(), recorder, _reshape_mapping_guard(recorder.reshapes):
         try:
             dg = _DependencyGraph(recorder.reshapes)
@@ -398,9 +395,7 @@ def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGr
         chs = recorder.sizes.get(node.grad_fn) if node.type == tp.ops.OPTYPE.CONCAT else None
         if chs is None or len(chs) != len(node.inputs):
             continue
-        offsets = [0]
-        for c in chs:
-            offsets.append(offsets[-1] + c)
+        offsets = [0, *accumulate(chs)]
         node.module.concat_sizes, node.module.offsets = chs, offsets
         used: list = []  # as torch-pruning's update_concat_index_mapping (one input may come twice)
         for i, in_node in enumerate(node.inputs):
