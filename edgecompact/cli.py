@@ -209,6 +209,54 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from edgecompact.deploy import onnx as eonnx
+    from edgecompact.deploy import tvm as etvm
+    from edgecompact.deploy.artifact import relax_module
+    from edgecompact.targets import get_target
+
+    target = get_target(args.target)
+    if (why := etvm.runnable_here(target)) is not None:
+        raise ConfigError(f"--target {target.name}: not tunable here, tuning times every candidate on the target "
+                          f"({why})")
+    for flag, value in (("--trials-per-task", args.trials_per_task), ("--chunk", args.chunk)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: expected at least 1")
+    db = Path(args.tuning_db) if args.tuning_db else etvm.default_db_dir(target)
+    etvm.set_num_threads(1)  # the tuner's runner workers inherit it: candidates are timed on one core
+    results = {}
+    for label, model, shape in _tune_sources(args):
+        with tempfile.TemporaryDirectory() as tmp:
+            eonnx.export_onnx(model, shape, Path(tmp) / "model.onnx")
+            mod = relax_module(Path(tmp) / "model.onnx")[0]
+        _log(f"tuning {label} {list(shape)} into {db}: {args.trials_per_task} trials per task in all, "
+             f"{args.chunk} per resumable step")
+        results[label] = etvm.tune(mod, target, args.trials_per_task, db, chunk=args.chunk,
+                                   progress=lambda line, label=label: _log(f"{label}: {line}"))
+    print(json.dumps({"db": str(db), **results}, indent=1))
+    return 0
+
+
+def _tune_sources(args: argparse.Namespace) -> list[tuple[str, object, tuple[int, ...]]]:
+    """(label, model, input shape) to tune: a run directory's compact and its baseline architecture (the two a
+    search deploys), or the one model a spec names."""
+    model, shape, _, _ = _model_for_export(argparse.Namespace(**{**vars(args), "data": None}))
+    if not Path(args.source).is_dir():
+        return [(args.source, model, shape)]
+    import torch
+
+    from edgecompact.models import load_model
+    from edgecompact.pipeline import load_compact
+
+    _, spec, _ = load_compact(Path(args.source))
+    with torch.no_grad():
+        classes = int(model(torch.zeros(shape)).shape[1])
+    base = load_model(spec.model, num_classes=classes, in_channels=shape[1], input_size=shape[2]).eval()
+    return [("compact", model, shape), ("baseline", base, shape)]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from edgecompact.deploy.bench import bench_artifacts
 
@@ -367,6 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default: RUN_DIR/deploy/<target> or artifacts/<model>/<target>")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("tune", help="MetaSchedule-tune a model for a target that runs here (resumable; "
+                       "for hours, in the background)")
+    p.add_argument("source", help="a run directory (its compact and baseline), or a model (zoo name, file.py:factory, "
+                   "ONNX)")
+    p.add_argument("--target", default="host")
+    _model_args(p)
+    p.add_argument("--trials-per-task", type=int, default=256,
+                   help="trials every conv/matmul task gets in all (TVM's guidance: 200 to 500)")
+    p.add_argument("--chunk", type=int, default=64, help="trials per step; progress is kept after each step")
+    p.add_argument("--tuning-db", default=None, help="default: this CPU's database in ~/.cache/edgecompact/tuning/")
+    p.set_defaults(fn=cmd_tune, weights=None)
 
     p = sub.add_parser("bench", help="time artifacts: torch, onnxruntime, TVM (local or over RPC)")
     p.add_argument("artifacts", nargs="+")

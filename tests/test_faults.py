@@ -394,6 +394,44 @@ def test_sigterm_keeps_the_checkpoint_a_second_search_is_refused_and_a_rerun_res
     assert (out / "report.json").is_file()
 
 
+ONE_CONV = """from torch import nn
+
+
+def net(num_classes=8, in_channels=3):
+    return nn.Sequential(nn.Conv2d(in_channels, num_classes, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten())
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_while_tuning_keeps_finished_steps_and_a_rerun_goes_on_from_them(tmp_path):
+    import psutil
+
+    (tmp_path / "one.py").write_text(ONE_CONV)  # one conv: one tuning task
+    db, ledger = tmp_path / "db", tmp_path / "db" / "tuned_tasks.json"
+    args = ["tune", f"{tmp_path / 'one.py'}:net", "--input-size", "8", "--trials-per-task", "2", "--chunk", "1",
+            "--tuning-db", str(db)]
+    proc = _start(*args)
+    _wait_for(proc, ledger.is_file, timeout=600)  # the first step finished; the second is running
+    tuners = psutil.Process(proc.pid).children(recursive=True)
+    assert tuners
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert _one_line_error(stderr).startswith("edgecompact: interrupted by SIGTERM")
+    assert list(json.loads(ledger.read_text()).values()) == [1]  # the finished step is kept
+    _, alive = psutil.wait_procs(tuners, timeout=30)
+    assert not alive  # the tuner and its workers stopped with it
+    assert not lock_path(db).exists()
+    r = _run(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = [line for line in r.stderr.splitlines() if "trials (+" in line]
+    assert len(steps) == 1 and ": 2/2 trials" in steps[0], steps  # went on from the kept step, not from 0
+    assert list(json.loads(ledger.read_text()).values()) == [2]
+    assert "[INFO]" not in r.stderr  # MetaSchedule's own log stays in the database's logs folder
+    assert json.loads(r.stdout)[f"{tmp_path / 'one.py'}:net"]["tuned_tasks"] == 1
+
+
 # ---- RPC: boards that hang or answer garbage, a tracker that goes away ------------------------------------------
 
 

@@ -43,19 +43,23 @@ def median_ms(fn: Any, runs: int, warmup: int = 10) -> float:
 def paired_median_ms(fn_a: Any, fn_b: Any, runs: int, warmup: int = 10) -> tuple[float, float]:
     """Median ms of `fn_a()` and of `fn_b()`, their calls interleaved so that both see the same machine load:
     on a shared machine the ratio of the two medians is then far steadier than two separate timings."""
+    a, b = interleaved_median_ms([fn_a, fn_b], runs, warmup)
+    return a, b
+
+
+def interleaved_median_ms(fns: list[Any], runs: int, warmup: int = 10) -> list[float]:
+    """Median ms of each of `fns`, called in turn `runs` times (after `warmup` rounds): every one sees the same
+    machine load, so their ratios hold where separate timings would drift."""
     for _ in range(warmup):
-        fn_a()
-        fn_b()
-    ta, tb = [], []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(runs):
-        t0 = time.perf_counter()
-        fn_a()
-        t1 = time.perf_counter()
-        fn_b()
-        t2 = time.perf_counter()
-        ta.append((t1 - t0) * 1e3)
-        tb.append((t2 - t1) * 1e3)
-    return float(np.median(ta)), float(np.median(tb))
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return [float(np.median(ts)) for ts in times]
 
 
 def time_ort_pair(path_a: Path, path_b: Path, x: np.ndarray, runs: int = MIN_RUNS,

@@ -2,9 +2,14 @@
 
 Runs with torch hidden and a cheap `inspect.stack`, in this process and in every builder/runner worker:
 with torch importable, each worker's TVMScript import takes minutes and LocalBuilder silently times out
-(../shared/notes/tvm.md, sections 2 and 7). Tasks whose workload the database already tuned with at least
-as many trials per task are skipped, so shared layer shapes are tuned once per target. Only conv/matmul
-tasks are tuned.
+(../shared/notes/tvm.md, sections 2 and 7). Only conv/matmul tasks are tuned.
+
+Tuning is incremental and resumable: the ledger (`tuned_tasks.json`) holds, per workload, the trials it has
+been given in all. A task short of `--trials-per-task` is tuned one chunk (at most `--chunk` trials, one search
+round) at a time, and the ledger is written after every chunk, so a killed run loses one chunk at most and the
+next run goes on from there. Each chunk's evolutionary search starts from the best records the database already
+holds for that workload, so chunks continue one search rather than restart it. Shared layer shapes are tuned
+once per database. One progress line per chunk goes to stdout, marked by `--progress-prefix`.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from tvm.s_tir import meta_schedule as ms
 from edgecompact.storage import write_text_atomic
 
 HEAVY_OPS = ("conv", "matmul", "dense")
-LEDGER = "tuned_tasks.json"  # {structural hash of a workload: most trials per task it was tuned with}
+LEDGER = "tuned_tasks.json"  # {structural hash of a workload: trials it has been given in all}
 # Candidates measured per search round of a task. Each round costs a fixed ~80-120 s here (evolutionary
 # search over 512 candidates, plus a fresh builder pool whose workers import TVM) against ~1 s per extra
 # candidate built and run, so a few large rounds reach more trials per task than many 16-candidate rounds.
@@ -59,8 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mod", required=True, help="IRModule JSON (tvm.ir.save_json), already legalized and fused")
     ap.add_argument("--target", required=True, help="TVM target as JSON")
     ap.add_argument("--db", required=True, help="database directory (JSONDatabase work_dir)")
-    ap.add_argument("--trials-per-task", type=int, required=True)
+    ap.add_argument("--trials-per-task", type=int, required=True, help="trials every task gets in all")
+    ap.add_argument("--chunk", type=int, default=TRIALS_PER_ROUND, help="trials per resumable step")
     ap.add_argument("--summary", required=True)
+    ap.add_argument("--progress-prefix", default="", help="starts each progress line (TVM logs to stdout too)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -74,29 +81,31 @@ def main(argv: list[str] | None = None) -> None:
     # and then stall the task scheduler, and keep their default schedule.
     extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
                  if any(k in t.task_name for k in HEAVY_OPS)]
-    todo = [t for t in extracted
-            if ledger.get(str(tvm_ffi.structural_hash(t.dispatched[0])), 0) < args.trials_per_task]
+    keys = [str(tvm_ffi.structural_hash(t.dispatched[0])) for t in extracted]
+    todo = [i for i, k in enumerate(keys) if ledger.get(k, 0) < args.trials_per_task]
     summary = {"tasks": len(extracted), "tuned_tasks": len(todo), "reused_tasks": len(extracted) - len(todo),
                "trials_per_task": args.trials_per_task, "trials": 0, "tuning_s": 0.0}
-    if todo:
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, str(db_dir))
-        database = ms.database.JSONDatabase(work_dir=str(db_dir))
-        before = len(database)
-        ms.tune.tune_tasks(
-            tasks=contexts, task_weights=weights, work_dir=str(db_dir),
-            max_trials_global=args.trials_per_task * len(contexts), max_trials_per_task=args.trials_per_task,
-            num_trials_per_iter=min(TRIALS_PER_ROUND, args.trials_per_task),
-            builder=ms.builder.LocalBuilder(max_workers=2, timeout_sec=300, initializer=init_worker),
-            runner=ms.runner.LocalRunner(timeout_sec=120, initializer=init_worker),
-            database=database,
-        )
-        summary["trials"] = len(database) - before
-        for t in todo:
-            ledger[str(tvm_ffi.structural_hash(t.dispatched[0]))] = args.trials_per_task
-        write_text_atomic(ledger_path, json.dumps(ledger, indent=1, sort_keys=True))
+    database = ms.database.JSONDatabase(work_dir=str(db_dir)) if todo else None
+    for n, i in enumerate(todo, 1):
+        task, key = extracted[i], keys[i]
+        while (done := ledger.get(key, 0)) < args.trials_per_task:
+            step = min(args.chunk, args.trials_per_task - done)
+            t1, before = time.perf_counter(), len(database)
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(db_dir))
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=str(db_dir),
+                max_trials_global=step, max_trials_per_task=step, num_trials_per_iter=step,
+                builder=ms.builder.LocalBuilder(max_workers=2, timeout_sec=300, initializer=init_worker),
+                runner=ms.runner.LocalRunner(timeout_sec=120, initializer=init_worker),
+                database=database,
+            )
+            summary["trials"] += len(database) - before
+            ledger[key] = done + step
+            write_text_atomic(ledger_path, json.dumps(ledger, indent=1, sort_keys=True))
+            print(f"{args.progress_prefix}task {n}/{len(todo)} {task.task_name}: {ledger[key]}/{args.trials_per_task} trials "
+                  f"(+{len(database) - before} records in {time.perf_counter() - t1:.0f} s)", flush=True)
     summary["tuning_s"] = round(time.perf_counter() - t0, 1)
     Path(args.summary).write_text(json.dumps(summary))
-
 
 if __name__ == "__main__":
     main()

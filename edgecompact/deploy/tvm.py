@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,11 @@ from tvm import relax
 
 from edgecompact.cpu import host_cpu
 from edgecompact.errors import DeployError, StorageError
-from edgecompact.storage import cache_root, write_text_atomic
+from edgecompact.storage import cache_root, exclusive, write_text_atomic
 from edgecompact.targets import Target
 
 GPU_KINDS = ("opencl", "cuda", "vulkan", "metal", "rocm")
+PROGRESS = "edgecompact-tune: "  # marks the tuning process's progress lines among MetaSchedule's logs
 
 
 def _resolve(spec: str | dict[str, Any]) -> str | dict[str, Any]:
@@ -140,30 +142,52 @@ def _prepack(mod: tvm.IRModule, tgt: tvm.target.Target) -> tvm.IRModule:
         ])(mod)
 
 
-def tune(mod: tvm.IRModule, target: Target, trials_per_task: int, db_dir: Path) -> dict[str, Any]:
-    """MetaSchedule-tune the tasks of `mod` not yet in `db_dir` (subprocess, torch hidden). Returns its summary."""
+def tune(mod: tvm.IRModule, target: Target, trials_per_task: int, db_dir: Path, *, chunk: int | None = None,
+         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """MetaSchedule-tune every task of `mod` up to `trials_per_task` trials in all (subprocess, torch hidden;
+    resumable in steps of `chunk` trials, see edgecompact.deploy.tune). `progress` gets one line per step.
+    Returns the run's summary."""
     tgt = tvm_target(target)
-    return _tune(_prepare(mod, tgt), target, tgt, trials_per_task, db_dir)
+    return _tune(_prepare(mod, tgt), target, tgt, trials_per_task, db_dir, chunk=chunk, progress=progress)
 
 
 def _tune(prepared: tvm.IRModule, target: Target, tgt: tvm.target.Target, trials_per_task: int,
-          db_dir: Path) -> dict[str, Any]:
+          db_dir: Path, *, chunk: int | None = None, progress: Callable[[str], None] | None = None
+          ) -> dict[str, Any]:
     db_dir = Path(db_dir)
     check_db(db_dir, target)
     db_dir.mkdir(parents=True, exist_ok=True)
-    _stamp_db(db_dir, target)
-    with tempfile.TemporaryDirectory(dir=db_dir) as tmp:
-        mod_path, summary_path = Path(tmp) / "mod.json", Path(tmp) / "summary.json"
-        mod_path.write_text(tvm.ir.save_json(prepared))
-        cmd = [sys.executable, "-m", "edgecompact.deploy.tune", "--mod", str(mod_path),
-               "--target", str(tgt), "--db", str(db_dir),
-               "--trials-per-task", str(trials_per_task), "--summary", str(summary_path)]
-        env = {**os.environ, "TVM_FFI_DISABLE_TORCH_C_DLPACK": "1"}
-        proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"MetaSchedule tuning failed (exit {proc.returncode}): {tail[0]}\n{proc.stderr[-4000:]}")
-        return json.loads(summary_path.read_text())
+    # one writer per database: two tuners appending to its JSON files would interleave their lines
+    with exclusive(db_dir, f"tuning database {db_dir}"):
+        _stamp_db(db_dir, target)
+        with tempfile.TemporaryDirectory(dir=db_dir) as tmp:
+            mod_path, summary_path = Path(tmp) / "mod.json", Path(tmp) / "summary.json"
+            mod_path.write_text(tvm.ir.save_json(prepared))
+            cmd = [sys.executable, "-m", "edgecompact.deploy.tune", "--mod", str(mod_path),
+                   "--target", str(tgt), "--db", str(db_dir),
+                   "--trials-per-task", str(trials_per_task), "--summary", str(summary_path),
+                   "--progress-prefix", PROGRESS]
+            if chunk:
+                cmd += ["--chunk", str(chunk)]
+            env = {**os.environ, "TVM_FFI_DISABLE_TORCH_C_DLPACK": "1"}
+            with tempfile.TemporaryFile("w+") as err, \
+                    subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True) as proc:
+                try:
+                    for line in proc.stdout:  # MetaSchedule's own log lines are in db_dir/logs too
+                        if progress is not None and line.startswith(PROGRESS):
+                            progress(line[len(PROGRESS):].rstrip())
+                    proc.wait()
+                finally:  # interrupted (SIGTERM, Ctrl-C): the tuner stops too; its ledger keeps finished steps
+                    if proc.poll() is None:
+                        proc.terminate()
+                        proc.wait()
+                if proc.returncode != 0:
+                    err.seek(0)
+                    stderr = err.read()
+                    tail = stderr.strip().splitlines()[-1:] or ["no output"]
+                    raise RuntimeError(f"MetaSchedule tuning failed (exit {proc.returncode}): {tail[0]}\n"
+                                       f"{stderr[-4000:]}")
+            return json.loads(summary_path.read_text())
 
 
 def compile_relax(mod: tvm.IRModule, target: Target, *, tune_trials: int = 0,
