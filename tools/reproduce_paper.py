@@ -74,6 +74,7 @@ README_TABLES = [
     ["tools/bench_operators.py", "--tune-trials", "32"],
     ["tools/bench_operators.py", "--model", "resnet32", "--tune-trials", "32", "--out",
      "benchmarks/operators_prepack_resnet32.json"],
+    ["tools/bench_int8.py", "--tune-trials", "32", "--runs", "200", "--threads", "1,2"],
     ["tools/bench_structure.py", "--nets", "200"],
     ["tools/bench_defaults.py", "--methods", "morphnet", "gensynth", "--seeds", "0", "1", "2"],
     ["tools/bench_inherit.py", "--seeds", "0", "1", "2", "--lrs", "0.01", "0.05", "--methods", "uniform", "group-lasso"],
