@@ -33,7 +33,7 @@ from edgecompact.deploy import tvm as etvm
 from edgecompact.deploy.artifact import relax_module
 from edgecompact.deploy.peak import fp32_peak_gflops
 from edgecompact.models import create_model
-from edgecompact.report import bench_document, machine
+from edgecompact.report import bench_document, machine, source_commit
 from edgecompact.targets import get_target
 
 
@@ -103,7 +103,7 @@ def main() -> None:
     outs.update({f"tvm-{p}": vm["main"](inp).numpy() for p, vm in vms.items()})
     census = {p: {"relax_ops": relax_ops(mods[p]), **kernel_census(exes[p], x)} for p in paths}
 
-    results = []
+    results, commit = [], source_commit(Path(__file__).resolve().parent.parent)
     for n in map(int, args.threads.split(",")):
         etvm.set_num_threads(n)
         sessions = {p: eonnx.session(path, n) for p, path in paths.items()}
@@ -112,12 +112,12 @@ def main() -> None:
                lambda s=sessions["fp32"]: s.run(None, {eonnx.INPUT_NAME: x}),
                lambda s=sessions["int8"]: s.run(None, {eonnx.INPUT_NAME: x})]
         ms = dict(zip(names, bench.interleaved_median_ms(fns, args.runs)))
-        results.append({"name": f"end-to-end, {n} thread(s)", "threads": n, "runs": args.runs,
+        results.append({"name": f"end-to-end, {n} thread(s)", "threads": n, "runs": args.runs, "commit": commit,
                         "latency_ms": {f"host-{k}": round(v, 4) for k, v in ms.items()},
                         "int8_speedup": {"tvm": round(ms["tvm-fp32"] / ms["tvm-int8"], 2),
                                          "ort": round(ms["ort-fp32"] / ms["ort-int8"], 2)},
                         "tvm_int8_over_ort_int8": round(ms["tvm-int8"] / ms["ort-int8"], 2)})
-    summary = {"name": "summary",
+    summary = {"name": "summary", "commit": commit,
                "tvm_int8_max_abs_diff_vs_ort_int8": float(np.abs(outs["tvm-int8"] - outs["ort-int8"]).max()),
                "ort_int8_max_abs_diff_vs_fp32": float(np.abs(outs["ort-int8"] - outs["ort-fp32"]).max()),
                "compile_s": compile_s, "census": census}
