@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,6 +17,7 @@ from edgecompact.errors import BudgetError, ConfigError
 from edgecompact.structure import Structure, round_width
 
 METRICS = ("flops", "params", "latency")
+ALLOCATIONS = ("knapsack", "threshold")  # how scored channels are cut to a budget (`fit_scores`)
 CostFn = Callable[[dict[str, int]], float]
 
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
@@ -24,22 +25,33 @@ _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
 
 @dataclass(frozen=True)
 class Budget:
-    """`value` is absolute (FLOPs, params or ms) unless `relative`, then a fraction of the baseline."""
+    """`value` is absolute (FLOPs, params or ms) unless `relative`, then a fraction of the baseline.
+
+    `allocation`: how scored channels are cut to it (`fit_scores`); None: the knapsack for latency, the global
+    threshold for FLOPs and parameters."""
 
     metric: str
     value: float
     relative: bool
     tolerance: float = 0.02
+    allocation: str | None = None
+
+    @property
+    def rule(self) -> str:
+        """The allocation in force: `allocation`, or the metric's default."""
+        return self.allocation or ("knapsack" if self.metric == "latency" else "threshold")
 
     def target(self, baseline_cost: float) -> float:
         return self.value * baseline_cost if self.relative else self.value
 
     def describe(self) -> str:
         v = f"{self.value:g}x baseline" if self.relative else _fmt(self.metric, self.value)
-        return f"{self.metric} <= {v} (+-{100 * self.tolerance:g}%)"
+        rule = f", {self.allocation} allocation" if self.allocation else ""
+        return f"{self.metric} <= {v} (+-{100 * self.tolerance:g}%){rule}"
 
     def to_dict(self) -> dict:
-        return {"metric": self.metric, "value": self.value, "relative": self.relative, "tolerance": self.tolerance}
+        out = {"metric": self.metric, "value": self.value, "relative": self.relative, "tolerance": self.tolerance}
+        return out if self.allocation is None else {**out, "allocation": self.allocation}
 
 
 def _fmt(metric: str, v: float) -> str:
@@ -48,9 +60,16 @@ def _fmt(metric: str, v: float) -> str:
     return f"{v / 1e6:.3f}M" if v >= 1e5 else f"{v:.0f}"
 
 
-def parse_budget(text: str, metric: str | None = None, tolerance: float = 0.02) -> Budget:
+def parse_budget(text: str, metric: str | None = None, tolerance: float = 0.02,
+                 allocation: str | None = None) -> Budget:
     """Parse `1/3x` (or `1/3`), `0.33x`, `48M`, `1.2G`, `120k`, `12ms` into a Budget. `metric` defaults from the
     unit (ms -> latency); a fraction `a/b` is relative to the baseline, with or without the `x`."""
+    if allocation is not None and allocation not in ALLOCATIONS:
+        raise ConfigError(f"--allocation: unknown rule '{allocation}' (choose {', '.join(ALLOCATIONS)})")
+    return replace(_parse(text, metric, tolerance), allocation=allocation)
+
+
+def _parse(text: str, metric: str | None, tolerance: float) -> Budget:
     if metric is not None and metric not in METRICS:
         raise ConfigError(f"--metric: unknown metric '{metric}' (choose {', '.join(METRICS)})")
     if not 0 < tolerance < 1:
@@ -165,10 +184,12 @@ def fit_to_budget(structure: Structure, scores: dict[str, torch.Tensor], cost: C
 
 
 def fit_scores(structure: Structure, scores: dict[str, torch.Tensor], cost: CostFn, target: float, tolerance: float,
-               multiple: int = 1, *, metric: str = "flops") -> dict[str, list[int]]:
-    """The allocation every method shares: under a latency budget the knapsack over measured costs (`fit_knapsack`,
-    layers differ in ms per channel), else the global score threshold (`fit_to_budget`)."""
-    fit = fit_knapsack if metric == "latency" else fit_to_budget
+               multiple: int = 1, *, allocation: str = "threshold") -> dict[str, list[int]]:
+    """The allocation every method shares (`Budget.rule`): the knapsack over the cost (`fit_knapsack`; a latency
+    budget's default: layers differ in ms per channel) or the global score threshold (`fit_to_budget`)."""
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"--allocation: unknown rule '{allocation}' (choose {', '.join(ALLOCATIONS)})")
+    fit = fit_knapsack if allocation == "knapsack" else fit_to_budget
     return fit(structure, scores, cost, target, tolerance, multiple)
 
 

@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="1/3x", help="1/3x or 0.33x (of the baseline), 48M, 120k, 12ms")
     p.add_argument("--metric", choices=["flops", "params", "latency"], default=None)
     p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--allocation", choices=["knapsack", "threshold"], default=None,
+                   help="how channel scores are cut to the budget (default: knapsack for latency, else threshold)")
     p.add_argument("--target", default="host")
     p.add_argument("--profile", default=None, help="latency table JSON (default: this CPU's table in the user cache "
                    "for the host, built on first use by latency searches; profiles/<target>-*.json for boards)")

@@ -140,7 +140,7 @@ def close_loop(ctx: LoopContext, keep: dict[str, list[int]], scores: dict[str, t
     relative budget: target / baseline cost x the baseline's ms of the same pair; an absolute one: its ms) and
     rounds remain, the table target is corrected (`next_table_target`) and the widths are re-fitted: by the
     method's own rule where it gives one (`refit`: the controls' single multiplier), else from its scores by
-    `fit_scores` (the knapsack). The first round inside the tolerance is kept, else the closest one.
+    `fit_scores` (the budget's allocation, by default the knapsack). The first round inside the tolerance is kept, else the closest one.
     A budget on another metric: (keep, {}). Without a measurement: (keep, {"measured": False, ...why}).
     """
     if ctx.budget.metric != "latency":
@@ -162,9 +162,10 @@ def close_loop(ctx: LoopContext, keep: dict[str, list[int]], scores: dict[str, t
                 stop = "the method gives no channel scores to re-fit from"
                 break
             table_target, rule = next_table_target(rounds)
-            try:  # the method's own fitting rule if it has one (the controls stay uniform), else the knapsack
+            try:  # the method's own fitting rule if it has one (the controls stay uniform), else the allocation
                 keep = refit(table_target) if refit is not None else fit_scores(
-                    ctx.structure, scores, ctx.cost, table_target, tol, ctx.channel_multiple, metric="latency")
+                    ctx.structure, scores, ctx.cost, table_target, tol, ctx.channel_multiple,
+                    allocation=ctx.budget.rule)
             except BudgetError as e:
                 stop = f"the re-fit cannot land on {table_target:.4f} ms: {e}"
                 break

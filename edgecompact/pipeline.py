@@ -102,6 +102,7 @@ class SearchSpec:
     budget: str
     metric: str | None = None
     tolerance: float = 0.02
+    allocation: str | None = None  # knapsack | threshold; None: the metric's (budget.Budget.rule)
     target: str = "host"
     input_size: int | None = None
     limit: int | None = None
@@ -272,7 +273,7 @@ def run_search(spec: SearchSpec, run_dir: Path, *, force: bool = False, deploy: 
     measure_rounds = MEASURE_ROUNDS if spec.measure_rounds is None else spec.measure_rounds
     if measure_rounds < 0:
         raise ConfigError(f"--measure-rounds {measure_rounds}: expected 0 (predicted only) or more")
-    budget = parse_budget(spec.budget, spec.metric, spec.tolerance)
+    budget = parse_budget(spec.budget, spec.metric, spec.tolerance, spec.allocation)
     run_dir = Path(run_dir)
     data = load_dataset(spec.data, input_size=spec.input_size, limit=spec.limit, seed=spec.seed)
     for note in data.notes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgecompact.budget import fit_to_budget, fit_uniform, parse_budget, within
+from edgecompact.budget import fit_scores, fit_to_budget, fit_uniform, parse_budget, within
 from edgecompact.errors import BudgetError, ConfigError
 from edgecompact.models import create_model
 from edgecompact.pipeline import build_context
@@ -33,6 +33,16 @@ def test_a_fraction_is_exactly_that_share_of_the_baseline():
 def test_bad_budgets_name_the_argument(text, err):
     with pytest.raises(err, match="--budget"):
         parse_budget(text)
+
+
+def test_the_allocation_is_the_metrics_unless_one_is_named():
+    assert parse_budget("0.5x", metric="latency").rule == "knapsack"
+    assert parse_budget("1/3x").rule == parse_budget("48M").rule == "threshold"
+    named = parse_budget("0.5x", metric="latency", allocation="threshold")
+    assert named.rule == "threshold" and named.to_dict()["allocation"] == "threshold"
+    assert parse_budget("1/3x", allocation="knapsack").rule == "knapsack"
+    with pytest.raises(ConfigError, match="--allocation"):
+        parse_budget("0.5x", allocation="greedy")
 
 
 @pytest.mark.parametrize("text", ["1/3x", "1/3", "0.5x", "48M", "12ms"])
@@ -122,6 +132,9 @@ def test_knapsack_finds_the_brute_force_optimum_of_an_additive_cost(frac):
     assert _kept_value(scores, keep) >= best - 1e-6
     threshold = fit_to_budget(st, scores, cost, target, 0.02)
     assert _kept_value(scores, threshold) < _kept_value(scores, keep)
+    # the shared entry point dispatches on the rule named
+    assert fit_scores(st, scores, cost, target, 0.02, allocation="knapsack") == keep
+    assert fit_scores(st, scores, cost, target, 0.02, allocation="threshold") == threshold
 
 
 @pytest.mark.parametrize("multiple", [1, 8])

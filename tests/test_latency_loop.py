@@ -288,5 +288,25 @@ def test_a_control_refitted_to_a_measured_latency_stays_a_control(make_context, 
     expected = fit_uniform(replace(ctx.structure, groups=rest, droppable={}),
                            lambda w: ctx.cost({**w, **dict.fromkeys(removed, 0)}), target, ctx.budget.tolerance)
     assert {g: len(k) for g, k in keep.items() if g in rest} == expected
-    knapsack = fit_scores(ctx.structure, p.scores, ctx.cost, target, ctx.budget.tolerance, metric="latency")
+    knapsack = fit_scores(ctx.structure, p.scores, ctx.cost, target, ctx.budget.tolerance,
+                          allocation="knapsack")
     assert widths_of(knapsack) != widths_of(keep)  # what the loop did before controls carried their own rule
+
+
+@pytest.mark.parametrize("allocation", ["knapsack", "threshold"])
+def test_the_loop_refits_scores_by_the_budgets_allocation(make_context, allocation):
+    """`--allocation`: the loop's re-fit of a method's scores cuts them by the rule the budget names (the
+    knapsack is a latency budget's default), the same widths the rule's own function gives at that table target."""
+    from edgecompact.budget import fit_knapsack
+
+    ctx = _latency_ctx(make_context, lambda p: 1.25 * p)
+    ctx = replace(ctx, budget=replace(ctx.budget, allocation=allocation))
+    g = torch.Generator().manual_seed(3)
+    scores = {k: torch.rand(n, generator=g) for k, n in ctx.structure.groups.items()}
+    first = fit_to_budget(ctx.structure, scores, ctx.cost, ctx.target_cost, ctx.budget.tolerance)
+    keep, rec = close_loop(ctx, first, scores)
+    target = rec["rounds"][1]["table_target_ms"]
+    fits = {rule: fit(ctx.structure, scores, ctx.cost, target, ctx.budget.tolerance)
+            for rule, fit in (("knapsack", fit_knapsack), ("threshold", fit_to_budget))}
+    assert fits["knapsack"] != fits["threshold"]  # the two rules disagree here, so the check below can tell them apart
+    assert keep == fits[allocation]

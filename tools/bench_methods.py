@@ -41,6 +41,8 @@ from edgecompact.train import TrainConfig, evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPTH_CONTROLS = ("uniform-depth-scratch",)  # need removable blocks (--drop-blocks)
+# one width multiplier (methods/controls.py): the same network under any --allocation
+UNIFORM_CONTROLS = ("uniform", "random", "uniform-scratch", "uniform-depth-scratch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "host latency budgets step in this CPU's fp32 lanes, FLOP/param budgets in 1)")
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="budget tolerance (a latency budget's is judged on measured ms)")
+    p.add_argument("--allocation", choices=["knapsack", "threshold"], default=None,
+                   help="how the methods' channel scores are cut to the budget (default: the metric's; the "
+                   "controls' uniform widths do not depend on it)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="deployment precision: searches judge and report top-1 at it (int8: onnxruntime's static QDQ)")
     p.add_argument("--drop-blocks", action="store_true", help="depth pruning: methods may remove residual blocks")
@@ -121,6 +126,8 @@ def protocol(a: argparse.Namespace, search_epochs: int, options: dict) -> str:
         text += f"; channel multiple {a.channel_multiple}"
     if a.tolerance != 0.02:
         text += f"; budget tolerance {100 * a.tolerance:g}%"
+    if a.allocation:
+        text += f"; allocation {a.allocation} (the methods' scores; controls stay uniform)"
     if a.drop_blocks:
         text += "; residual blocks may be removed"
     if a.precision != "fp32":
@@ -289,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= a.distill <= 1:
         raise ConfigError(f"--distill {a.distill:g}: expected a weight in [0, 1]")
     options = method_options(a.set, known)
-    budget = parse_budget(a.budget, a.metric, a.tolerance)  # a bad --budget or --tolerance before any training
+    budget = parse_budget(a.budget, a.metric, a.tolerance, a.allocation)  # a bad --budget or --tolerance before any training
     # the multiple `edgecompact search` would use (pipeline.search_multiple)
     a.channel_multiple = search_multiple(get_target(a.target), a.channel_multiple,
                                          a.metric == "latency").channel_multiple
@@ -377,6 +384,8 @@ def run_seed(a: argparse.Namespace, seed: int, budget: Budget, methods: list[str
         opts = options.get(name, {})
         # runs with non-default options live apart, so that a sweep never resumes another setting's checkpoints
         run_name = name + "".join(f"-{k}{v}" for k, v in sorted(opts.items()))
+        if a.allocation and name not in UNIFORM_CONTROLS:  # the controls' runs are shared by every allocation
+            run_name = f"alloc-{a.allocation}/{run_name}"
         run_ctx = replace(ctx, run_dir=method_root / run_name, options=opts)
         try:
             res = run_method(name, run_ctx)
@@ -393,8 +402,8 @@ def run_seed(a: argparse.Namespace, seed: int, budget: Budget, methods: list[str
                 rec[key] = m[key]
         if a.measure_runs:  # baseline and compact timed interleaved in this process: their ratio is the speedup
             _export(baseline, shape, work / "baseline.onnx")
-            _export(res.model, shape, method_root / name / "compact.onnx")
-            _measure(rec, work / "baseline.onnx", method_root / name / "compact.onnx", shape, target.name, a)
+            _export(res.model, shape, run_ctx.run_dir / "compact.onnx")
+            _measure(rec, work / "baseline.onnx", run_ctx.run_dir / "compact.onnx", shape, target.name, a)
         merge(a.out, proto, command, rec)
         print(f"{name} seed {seed}: {m['mflops']} MFLOPs, {m['params']} params, top-1 {m['top1']} % "
               f"(final {m['final']}, val {m['final_val_top1']}), budget error {m['budget']['error_pct']} %, "

@@ -159,9 +159,9 @@ class Generator:
 
 
 def synthesize(gen: Generator, structure: Structure, cost: CostFn, level: float, tolerance: float, multiple: int,
-               seed: int, noise: bool = True, metric: str = "flops") -> tuple[dict[str, list[int]], nn.Module]:
+               seed: int, noise: bool = True, allocation: str = "threshold") -> tuple[dict[str, list[int]], nn.Module]:
     """N_s = G(s): Gumbel-top-k on G's logits (a Plackett-Luce sample) cut to `level` by the shared budget fit
-    (`fit_scores`: the knapsack under a latency budget, the global threshold otherwise).
+    (`fit_scores` by `allocation`: by default the knapsack under a latency budget, the global threshold otherwise).
 
     Returns the kept baseline channels per group and the network with weights inherited from G's network.
     """
@@ -174,7 +174,7 @@ def synthesize(gen: Generator, structure: Structure, cost: CostFn, level: float,
             u = torch.rand(len(idx), generator=rng).clamp_(1e-10, 1 - 1e-10)
             s += gen.temperature * -torch.log(-torch.log(u))
         scores[g] = s
-    rel = fit_scores(current, scores, cost, level, tolerance, multiple, metric=metric)
+    rel = fit_scores(current, scores, cost, level, tolerance, multiple, allocation=allocation)
     keep = {g: [gen.keep[g][i] for i in rel[g]] for g in rel}
     return keep, slim(gen.model, current, rel)
 
@@ -473,7 +473,7 @@ def cycle(ctx: SearchContext, gen: Generator, inq: Inquisitor, req: Requirement,
     for s in range(opts["samples"]):
         seed = ctx.seed * 1_000_003 + k * 1009 + s
         keep, model = synthesize(gen, ctx.structure, ctx.cost, req.level, ctx.budget.tolerance,
-                                 ctx.channel_multiple, seed, noise=s > 0, metric=ctx.budget.metric)
+                                 ctx.channel_multiple, seed, noise=s > 0, allocation=ctx.budget.rule)
         if opts["train"] == "all":
             _finetune(ctx, model, steps, ctx.seed * 1009 + k, f"gensynth cycle {k + 1} sample {s + 1}",
                       opts["mimic"])

@@ -137,7 +137,7 @@ def group_lasso(ctx: SearchContext) -> Proposal:
     # mean: over its group's mean norm now (relative within the group only)
     scores = {g: n / (before[g] if score_by == "baseline" else n.mean()) for g, n in norms.items()}
     keep = fit_scores(structure, scores, ctx.cost, ctx.target_cost, ctx.budget.tolerance, ctx.channel_multiple,
-                      metric=ctx.budget.metric)
+                      allocation=ctx.budget.rule)
     zeros = sum(int((n / math.sqrt(sizes[g]) < 1e-3).sum()) for g, n in norms.items())
     history = [{"lambda": lam, "lr": lr, "cost_weighted": weighted, "score": score_by, "epochs": ctx.search_epochs,
                 "cost_weights": {g: round(v, 4) for g, v in cost_w.items()},

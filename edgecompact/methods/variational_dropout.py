@@ -215,7 +215,7 @@ def variational_dropout(ctx: SearchContext) -> Proposal:
         raise ConfigError(f"--set score={score_by}: choose share or mean")
     scores, group_share = channel_scores(vd_model, ctx.structure, score_by == "mean")
     keep = fit_scores(ctx.structure, scores, ctx.cost, ctx.target_cost, ctx.budget.tolerance,
-                      ctx.channel_multiple, metric=ctx.budget.metric)
+                      ctx.channel_multiple, allocation=ctx.budget.rule)
     source = to_plain(vd_model, copy_baseline(ctx))
     history = [{"lr": lr, "warmup": warmup, "log_alpha_init": log_alpha, "sigma_lr_mult": sigma_scale,
                 "threshold": threshold, "score": score_by, "epochs": ctx.search_epochs, "train": hist["epochs"],
