@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from edgecompact.deploy import tvm as etvm
 from edgecompact.deploy.artifact import relax_module
 from edgecompact.deploy.peak import fp32_peak_gflops
 from edgecompact.models import create_model
-from edgecompact.report import bench_document, machine
+from edgecompact.report import bench_document, machine, source_commit
 from edgecompact.targets import get_target
 
 
@@ -91,7 +92,7 @@ def _markdown(out: dict[str, Any]) -> str:
              (f"Measured fp32 peak of one core: {pk['gflops_per_core']} GFLOP/s ({pk['kernel']}); 3x3 convolutions "
              f"together reach {s['conv3x3_pct_peak'].get('tvm', '-')}% of it on TVM, "
              f"{s['conv3x3_pct_peak'].get('ort', '-')}% on onnxruntime.  "),
-             f"Command: `{out['command']}`.  ",
+             f"Command: `{out['command']}`; commit {s['commit']}.  ",
              f"Tuning database `{tun['db']}`, {tun.get('tasks', '?')} conv/matmul tasks"
              + (f", filled by {len(tun['tuning_run'].get('runs', [1]))} tuning run(s): "
                 f"{tun['tuning_run']['trials_per_task']}"
@@ -152,6 +153,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     etvm.set_num_threads(args.threads)  # before tuning: the tuner's runner workers inherit TVM_NUM_THREADS
     torch.manual_seed(0)
+    load = os.getloadavg()[0]  # runnable processes on the cores as the run starts (a paused job counts none)
+    commit = source_commit(Path(__file__).resolve().parent.parent)
     peak = fp32_peak_gflops()  # before anything else runs here: the yardstick of every operator's share
 
     target = get_target("host")
@@ -213,7 +216,7 @@ def main() -> None:
     out = {
         **bench_document("operators", "python " + " ".join(sys.argv), "", []),
         "machine": f"{machine()}; LLVM mcpu {tvm.target.codegen.llvm_get_system_cpu()}, "
-                   f"TVM target {etvm.tvm_target(target)}; shared with other jobs",
+                   f"TVM target {etvm.tvm_target(target)}; load average {load:.2f} as the run started",
         "model": args.model,
         "protocol": f"{args.model}, input {'x'.join(map(str, shape))}, fp32, batch 1, {args.threads} thread(s) for "
                     f"TVM and onnxruntime (TVM tuned with its runner at the same count); per operator: TVM kernel "
@@ -223,7 +226,7 @@ def main() -> None:
                     f"end: median of {args.runs} runs, TVM and onnxruntime calls interleaved",
         "tuning": tuning,
         "peak": peak,
-        "results": rows + e2e + [summary],
+        "results": [{**r, "commit": commit} for r in rows + e2e + [summary]],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
