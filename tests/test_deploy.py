@@ -202,6 +202,21 @@ def test_tuning_speeds_up_and_reuses_records_for_shared_shapes(tmp_path):
     assert stamp["cpu"] == host_cpu().key  # the database names the CPU it was measured on
     again = etvm.tune(mod, get_target("host"), 4, tmp_path / "db")
     assert again["tuned_tasks"] == 0 and again["reused_tasks"] == first["tasks"]
+    # every task's best time by records given, read back from MetaSchedule's own database API
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    times: dict[str, list[float]] = {}
+    for rec in ms.database.JSONDatabase(work_dir=str(tmp_path / "db")).get_all_tuning_records():
+        secs = [float(t) for t in rec.run_secs or []]
+        times.setdefault(str(tvm_ffi.structural_hash(rec.workload.mod)), []).append(
+            sum(secs) / len(secs) if secs else float("inf"))
+    assert len(again["convergence"]) == again["tasks"]
+    for task in again["convergence"]:
+        assert task["records"] == len(times[task["key"]]) > 0
+        curve = list(task["best_us"].values())
+        assert curve == sorted(curve, reverse=True)  # the best so far never gets worse
+        assert curve[-1] == pytest.approx(min(times[task["key"]]) * 1e6, abs=0.05)
     ex = etvm.compile_relax(mod, get_target("host"), db_dir=tmp_path / "db")
     x = np.random.default_rng(4).standard_normal((1, 3, 16, 16)).astype(np.float32)
     assert np.abs(_tvm_run(ex, x) - _torch(model, x)).max() <= 1e-4  # main takes the input alone, as before

@@ -108,6 +108,15 @@ def _markdown(out: dict[str, Any]) -> str:
         lat = r["latency_ms"]
         lines.append(f"| {r['threads']} | {lat['host-tvm']:.3f} | {lat['host-ort']:.3f} | {r['tvm_over_ort']} | "
                      f"{lat['host-tvm-time_evaluator']:.3f} |")
+    if tun.get("convergence"):
+        marks = sorted({int(m) for t in tun["convergence"] for m in t["best_us"]})
+        lines += ["", ("## Tuning convergence (the tuner's own timings: the best candidate's mean us among a task's "
+                  "first n records; timed while other jobs may have run)\n"),
+                  "| task | records | " + " | ".join(f"best of {m}" for m in marks) + " |",
+                  "|---|---|" + "---|" * len(marks)]
+        for t in tun["convergence"]:
+            lines.append(f"| {t['task']} | {t['records']} | "
+                         + " | ".join(str(t["best_us"].get(str(m), "")) for m in marks) + " |")
     lines += ["", (f"## Per operator ({s['threads']} thread(s); TVM: each kernel call timed alone; ORT: its "
               "profiler; both medians, measured interleaved)\n"),
               "| # | op | shape | TVM kernel | TVM (us) | ORT node | ORT (us) | TVM / ORT | TVM % of peak | ORT % of peak |",

@@ -42,6 +42,7 @@ init_worker()
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -105,7 +106,32 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{args.progress_prefix}task {n}/{len(todo)} {task.task_name}: {ledger[key]}/{args.trials_per_task} trials "
                   f"(+{len(database) - before} records in {time.perf_counter() - t1:.0f} s)", flush=True)
     summary["tuning_s"] = round(time.perf_counter() - t0, 1)
+    summary["convergence"] = convergence(db_dir, {k: t.task_name for k, t in zip(keys, extracted)})
     Path(args.summary).write_text(json.dumps(summary))
+
+
+def convergence(db_dir: Path, names: dict[str, str], marks: tuple[int, ...] = (32, 64, 128, 256, 512)) -> list[dict]:
+    """Per task of `names` ({workload key: task name}): its records in the database and the best candidate's mean
+    time (us, the tuner's own measurement) among its first n records, n in `marks`: where the search stopped finding
+    faster schedules. Records are read in the order the database appended them; failed builds have no time."""
+    index = {}
+    with open(db_dir / "database_workload.json") as f:
+        for i, line in enumerate(f):
+            index[i] = json.loads(line)[0]
+    times: dict[str, list[float]] = {}
+    with open(db_dir / "database_tuning_record.json") as f:
+        for line in f:
+            i, record = json.loads(line)
+            run_secs = record[1] or []
+            times.setdefault(index[i], []).append(sum(run_secs) / len(run_secs) if run_secs else math.inf)
+    out = []
+    for key, name in names.items():
+        ts = times.get(key, [])
+        best = {str(n): round(min(ts[:n]) * 1e6, 1) for n in marks if n <= len(ts) and min(ts[:n]) < math.inf}
+        if len(ts) and str(len(ts)) not in best and min(ts) < math.inf:
+            best[str(len(ts))] = round(min(ts) * 1e6, 1)
+        out.append({"task": name, "key": key, "records": len(ts), "best_us": best})
+    return out
 
 if __name__ == "__main__":
     main()
