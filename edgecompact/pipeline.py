@@ -228,7 +228,8 @@ def search_multiple(target, given: int | None, latency_budget: bool):
 def _profile_table(structure: Structure, target, path: Path):
     from edgecompact.profiling import profile
 
-    return profile(structure, target, path)
+    # the per-user cache: a second search that needs the same table waits for the one measuring it, then reuses it
+    return profile(structure, target, path, wait=True)
 
 
 def search_latency_model(structure: Structure, target, profile: Path | None, *, needs_ms: bool,

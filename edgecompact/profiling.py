@@ -230,6 +230,7 @@ def profile(
     progress: bool = True,
     rpc_timeout: float = RPC_JOB_TIMEOUT_S,
     log: Callable[[str], None] | None = None,
+    wait: bool = False,
 ) -> LatencyTable:
     """Measure every layer kind of `structure`'s search space on `target` into the table at `out_path`.
 
@@ -239,7 +240,8 @@ def profile(
     onnxruntime intra-op threads (TVM's pool follows TVM_NUM_THREADS). tune_trials: TVM only.
     An existing `out_path` is resumed: recorded points are kept and not measured again; one measured with
     another runtime or setting is refused. `on_measure` is called after each point has been saved.
-    One process at a time fills a table (a lock file beside it; a second is refused in one line). Over RPC, a
+    One process at a time fills a table (a lock file beside it; a second is refused in one line, or with `wait`
+    waits for the first and resumes what it wrote). Over RPC, a
     board that takes longer than `rpc_timeout` s to answer and time a point, or answers garbage, loses the job
     to another board, with a message through `log` (default: stderr).
     """
@@ -260,7 +262,7 @@ def profile(
         raise ConfigError(f"--tune-trials {tune_trials}: tuning applies to TVM tables, not onnxruntime ones")
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
-    with exclusive(out_path, str(out_path), log):  # one writer per table: no entry is lost to a race
+    with exclusive(out_path, str(out_path), log, wait=wait):  # one writer per table: no entry lost to a race
         if out_path.exists():
             table = LatencyTable.load(out_path, target)
             _check_resumable(table, out_path, runtime, tune_trials, threads)

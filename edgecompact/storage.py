@@ -104,16 +104,19 @@ def lock_path(target: Path) -> Path:
 
 
 @contextmanager
-def exclusive(target: Path, what: str, log: Callable[[str], None] | None = None) -> Iterator[None]:
+def exclusive(target: Path, what: str, log: Callable[[str], None] | None = None, *,
+              wait: bool = False) -> Iterator[None]:
     """Hold the lock of `target` (a run directory or table) while the block runs; `what` names it for the user
-    (e.g. "--out runs/x"). A second process is refused in one line (StorageError) naming the holder's pid.
+    (e.g. "--out runs/x"). A second process is refused in one line (StorageError) naming the holder's pid, or,
+    with `wait` (a shared cache another process is filling), says once through `log` whom it waits for and
+    blocks until the lock is free.
 
     The lock is an flock on `lock_path(target)`, which holds "pid host". The kernel drops it when its holder
     dies, so a lock left by a killed process (kill -9, power loss) is stale: it is taken over, with a message.
     """
     path = lock_path(target)
     try:
-        fd = _acquire(path, what, log)
+        fd = _acquire(path, what, log, wait)
     except OSError as e:
         if (reason := full_disk(e)) is not None:
             raise StorageError(f"{what}: cannot write the lock file {path}: {reason}") from None
@@ -125,7 +128,7 @@ def exclusive(target: Path, what: str, log: Callable[[str], None] | None = None)
         os.close(fd)
 
 
-def _acquire(path: Path, what: str, log: Callable[[str], None] | None) -> int:
+def _acquire(path: Path, what: str, log: Callable[[str], None] | None, wait: bool = False) -> int:
     """A descriptor of the lock file `path`, flocked, holding this process's pid and host."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -137,9 +140,14 @@ def _acquire(path: Path, what: str, log: Callable[[str], None] | None) -> int:
             if not holder:  # it has the lock but may not have written its pid yet
                 time.sleep(0.2)
                 holder = _holder(fd)
-            os.close(fd)
-            raise StorageError(f"{what}: in use by another edgecompact process ({holder}; lock file {path}); "
-                               "wait for it to finish or choose another path") from None
+            if wait:
+                if log is not None:
+                    log(f"{what}: another edgecompact process ({holder}) is writing it; waiting for it to finish")
+                fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder releases (or dies)
+            else:
+                os.close(fd)
+                raise StorageError(f"{what}: in use by another edgecompact process ({holder}; lock file {path}); "
+                                   "wait for it to finish or choose another path") from None
         try:  # the holder may have released and removed the file between our open and flock: lock the new one
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

@@ -109,6 +109,37 @@ def test_a_second_writer_is_refused_naming_the_holder_and_the_lock_is_released(t
     assert not lock_path(run).exists()
 
 
+def test_a_waiting_writer_blocks_until_the_holder_is_done_then_takes_the_lock(tmp_path):
+    """`wait=True` (the per-user table cache two searches may need at once): the second process says whom it waits
+    for, blocks while the first holds the lock, and goes on once it is released."""
+    table = tmp_path / "table.json"
+    code = ("import sys, time\nfrom edgecompact.storage import exclusive\n"
+            "with exclusive(sys.argv[1], 'table'):\n    print('held', flush=True)\n    sys.stdin.readline()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(table)], env=ENV, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    said, got = [], threading.Event()
+
+    def second() -> None:
+        with exclusive(table, "table.json", log=said.append, wait=True):
+            got.set()
+
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        assert not got.wait(1.5)  # still held by the first process
+        assert said == [(f"table.json: another edgecompact process (pid {holder.pid} on {socket.gethostname()}) "
+                        "is writing it; waiting for it to finish")]
+        holder.stdin.write("done\n")
+        holder.stdin.flush()
+        assert got.wait(30)  # released: the waiter holds it now
+        waiter.join(30)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not lock_path(table).exists()
+
+
 def test_a_stale_lock_is_taken_over_with_a_message(tmp_path):
     run = tmp_path / "run"
     pid = _dead_pid()
