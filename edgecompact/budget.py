@@ -64,9 +64,14 @@ def parse_budget(text: str, metric: str | None = None, tolerance: float = 0.02,
                  allocation: str | None = None) -> Budget:
     """Parse `1/3x` (or `1/3`), `0.33x`, `48M`, `1.2G`, `120k`, `12ms` into a Budget. `metric` defaults from the
     unit (ms -> latency); a fraction `a/b` is relative to the baseline, with or without the `x`."""
-    if allocation is not None and allocation not in ALLOCATIONS:
-        raise ConfigError(f"--allocation: unknown rule '{allocation}' (choose {', '.join(ALLOCATIONS)})")
+    if allocation is not None:
+        _check_allocation(allocation)
     return replace(_parse(text, metric, tolerance), allocation=allocation)
+
+
+def _check_allocation(allocation: str) -> None:
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"--allocation: unknown rule '{allocation}' (choose {', '.join(ALLOCATIONS)})")
 
 
 def _parse(text: str, metric: str | None, tolerance: float) -> Budget:
@@ -187,8 +192,7 @@ def fit_scores(structure: Structure, scores: dict[str, torch.Tensor], cost: Cost
                multiple: int = 1, *, allocation: str = "threshold") -> dict[str, list[int]]:
     """The allocation every method shares (`Budget.rule`): the knapsack over the cost (`fit_knapsack`; a latency
     budget's default: layers differ in ms per channel) or the global score threshold (`fit_to_budget`)."""
-    if allocation not in ALLOCATIONS:
-        raise ConfigError(f"--allocation: unknown rule '{allocation}' (choose {', '.join(ALLOCATIONS)})")
+    _check_allocation(allocation)
     fit = fit_knapsack if allocation == "knapsack" else fit_to_budget
     return fit(structure, scores, cost, target, tolerance, multiple)
 

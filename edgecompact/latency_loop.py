@@ -140,7 +140,8 @@ def close_loop(ctx: LoopContext, keep: dict[str, list[int]], scores: dict[str, t
     relative budget: target / baseline cost x the baseline's ms of the same pair; an absolute one: its ms) and
     rounds remain, the table target is corrected (`next_table_target`) and the widths are re-fitted: by the
     method's own rule where it gives one (`refit`: the controls' single multiplier), else from its scores by
-    `fit_scores` (the budget's allocation, by default the knapsack). The first round inside the tolerance is kept, else the closest one.
+    `fit_scores` (the budget's allocation, by default the knapsack). The first round inside the tolerance is
+    kept, else the closest one.
     A budget on another metric: (keep, {}). Without a measurement: (keep, {"measured": False, ...why}).
     """
     if ctx.budget.metric != "latency":

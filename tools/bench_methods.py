@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from edgecompact.budget import Budget, parse_budget
+from edgecompact.budget import ALLOCATIONS, Budget, parse_budget
 from edgecompact.data import load_dataset
 from edgecompact.errors import ConfigError, UserError
 from edgecompact.methods import list_methods, run_method
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "host latency budgets step in this CPU's fp32 lanes, FLOP/param budgets in 1)")
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="budget tolerance (a latency budget's is judged on measured ms)")
-    p.add_argument("--allocation", choices=["knapsack", "threshold"], default=None,
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                    help="how the methods' channel scores are cut to the budget (default: the metric's; the "
                    "controls' uniform widths do not depend on it)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",

@@ -44,6 +44,7 @@ import argparse
 import json
 import math
 import time
+from itertools import accumulate
 from pathlib import Path
 
 import tvm
@@ -127,9 +128,9 @@ def convergence(db_dir: Path, names: dict[str, str], marks: tuple[int, ...] = (3
     out = []
     for key, name in names.items():
         ts = times.get(key, [])
-        best = {str(n): round(min(ts[:n]) * 1e6, 1) for n in marks if n <= len(ts) and min(ts[:n]) < math.inf}
-        if len(ts) and str(len(ts)) not in best and min(ts) < math.inf:
-            best[str(len(ts))] = round(min(ts) * 1e6, 1)
+        so_far = list(accumulate(ts, min))  # the best of the first i + 1 records
+        ends = [n for n in marks if n <= len(ts)] + ([len(ts)] if ts and len(ts) not in marks else [])
+        best = {str(n): round(so_far[n - 1] * 1e6, 1) for n in ends if so_far[n - 1] < math.inf}
         out.append({"task": name, "key": key, "records": len(ts), "best_us": best})
     return out
 
