@@ -116,6 +116,32 @@ def test_select_ranks_by_utility_or_by_the_loss_on_the_stimuli():
     assert gs.select(recs, 0.5, by="probe_loss") == (0, [0, 3], True)  # the budget-breaker never counts
 
 
+def test_when_no_sample_lands_in_the_tolerance_the_near_misses_stand_in_only_where_allowed():
+    def rec(cost, utility, *violations):
+        return {"cost": cost, "level": 0.30, "utility": utility, "probe_loss": 1.0,
+                "violations": list(violations), "feasible": not violations}
+
+    # steps of 16 jump over the +-5% band: two samples land under the level, one over, one breaks the multiple
+    recs = [rec(0.279, 101.0, "budget"), rec(0.282, 99.0, "budget", "accuracy"), rec(0.33, 120.0, "budget"),
+            rec(0.30, 130.0, "multiple")]
+    with pytest.raises(BudgetError, match=r"tolerance of 0\.3 \(closest 0\.279\)"):
+        gs.select(recs, 0.5)  # the end of a FLOP budget: nothing may be returned outside it
+    assert gs.select(recs, 0.5, stand_in=True) == (0, [0], False)  # under the cap, best U; never the one over
+    # none under the level: the closest one alone
+    over = [rec(0.33, 120.0, "budget"), rec(0.32, 90.0, "budget"), rec(0.29, 200.0, "multiple", "budget")]
+    assert gs.select(over, 1.0, stand_in=True) == (1, [1], False)
+    assert gs.near_misses([rec(0.3, 1.0, "multiple")]) == []
+
+
+def test_only_a_measured_latency_budget_lets_the_last_cycle_miss_its_tolerance(make_context):
+    ctx = make_context(channel_multiple=8)
+    assert not gs.loop_refits(ctx)  # a FLOP budget: the last cycle's network is the delivered one
+    lat = replace(ctx, budget=replace(ctx.budget, metric="latency"), measure_latency=lambda keep: (1.0, 0.5))
+    assert gs.loop_refits(lat)
+    assert not gs.loop_refits(replace(lat, measure_rounds=0))  # predicted only: nothing re-fits it
+    assert not gs.loop_refits(replace(lat, measure_latency=None))
+
+
 def test_update_moves_each_logit_toward_what_the_insights_say():
     gen = gs.Generator({"a": torch.tensor([0.0, 1.0, 2.0, -1.0], dtype=torch.float64)}, {"a": [0, 1, 2, 3]},
                        torch.nn.Linear(1, 1), 0.5)
