@@ -140,8 +140,8 @@ def close_loop(ctx: LoopContext, keep: dict[str, list[int]], scores: dict[str, t
     relative budget: target / baseline cost x the baseline's ms of the same pair; an absolute one: its ms) and
     rounds remain, the table target is corrected (`next_table_target`) and the widths are re-fitted: by the
     method's own rule where it gives one (`refit`: the controls' single multiplier), else from its scores by
-    `fit_scores` (the budget's allocation, by default the knapsack). The first round inside the tolerance is
-    kept, else the closest one.
+    `fit_scores` (the budget's allocation, by default the knapsack; at a tighter tolerance where it returns a
+    network already timed, `untimed_fit`). The first round inside the tolerance is kept, else the closest one.
     A budget on another metric: (keep, {}). Without a measurement: (keep, {"measured": False, ...why}).
     """
     if ctx.budget.metric != "latency":
@@ -164,13 +164,11 @@ def close_loop(ctx: LoopContext, keep: dict[str, list[int]], scores: dict[str, t
                 break
             table_target, rule = next_table_target(rounds)
             try:  # the method's own fitting rule if it has one (the controls stay uniform), else the allocation
-                keep = refit(table_target) if refit is not None else fit_scores(
-                    ctx.structure, scores, ctx.cost, table_target, tol, ctx.channel_multiple,
-                    allocation=ctx.budget.rule)
+                keep = refit(table_target) if refit is not None else untimed_fit(ctx, scores, table_target, keeps)
             except BudgetError as e:
                 stop = f"the re-fit cannot land on {table_target:.4f} ms: {e}"
                 break
-            if keep in keeps:
+            if keep is None or keep in keeps:
                 stop = "the re-fit gives widths already timed"
                 break
         base_ms, ms = ctx.measure_latency(keep)
@@ -199,6 +197,28 @@ def close_loop(ctx: LoopContext, keep: dict[str, list[int]], scores: dict[str, t
     if state is not None:
         write_text_atomic(state, json.dumps({"config": config, "keep": keeps[best], "budget": record}, indent=1))
     return keeps[best], record
+
+
+def untimed_fit(ctx: LoopContext, scores: dict[str, torch.Tensor], table_target: float,
+                timed: list[dict[str, list[int]]]) -> dict[str, list[int]] | None:
+    """The scores cut to `table_target` by the budget's allocation, at widths not timed yet (None if there are none).
+
+    Two timed rounds that straddle the measured band (in steps of 16: -7.7%, then +5.7%) put the corrected target
+    between them, and a fit inside the budget's tolerance of it may return one of them again. The fit is then
+    repeated at a half and a quarter of the tolerance, which only a network between the two can meet. A BudgetError
+    of the first fit is the caller's; at a tighter tolerance it means there is no such network."""
+    tol = ctx.budget.tolerance
+    for k, t in enumerate((tol, tol / 2, tol / 4)):
+        try:
+            keep = fit_scores(ctx.structure, scores, ctx.cost, table_target, t, ctx.channel_multiple,
+                              allocation=ctx.budget.rule)
+        except BudgetError:
+            if not k:
+                raise
+            return None
+        if keep not in timed:
+            return keep
+    return None
 
 
 def next_table_target(rounds: list[dict]) -> tuple[float, str]:

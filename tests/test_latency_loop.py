@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from edgecompact.budget import Budget, fit_to_budget, parse_budget
+from edgecompact.budget import Budget, fit_scores, fit_to_budget, parse_budget
 from edgecompact.errors import BudgetError
-from edgecompact.latency_loop import close_loop, next_table_target
+from edgecompact.latency_loop import close_loop, next_table_target, untimed_fit
 from edgecompact.methods import run_method
 from edgecompact.methods.base import Proposal, copy_baseline, get_method
 from edgecompact.structure import slim, widths_of
@@ -310,3 +310,22 @@ def test_the_loop_refits_scores_by_the_budgets_allocation(make_context, allocati
             for rule, fit in (("knapsack", fit_knapsack), ("threshold", fit_to_budget))}
     assert fits["knapsack"] != fits["threshold"]  # the two rules disagree here, so the check below can tell them apart
     assert keep == fits[allocation]
+
+
+def test_a_refit_that_returns_timed_widths_is_repeated_at_a_tighter_tolerance(make_context):
+    """Two rounds straddling the band put the corrected target between them; a fit inside the budget's tolerance
+    may return a timed network again. The loop then fits at a half and a quarter of the tolerance (the rule's own
+    function at those tolerances is the truth), and gives up only when those are timed too."""
+    ctx = _latency_ctx(make_context, lambda p: p)
+    ctx = replace(ctx, budget=replace(ctx.budget, tolerance=0.05))  # the benchmarks' tolerance
+    g = torch.Generator().manual_seed(3)
+    scores = {k: torch.rand(n, generator=g) for k, n in ctx.structure.groups.items()}
+    target, tol = 0.6, ctx.budget.tolerance
+    loose, half, quarter = (fit_scores(ctx.structure, scores, ctx.cost, target, t, allocation="knapsack")
+                            for t in (tol, tol / 2, tol / 4))
+    assert loose != half  # here the tolerance lets the knapsack land 4% over; at half of it, it must come closer
+    assert abs(ctx.cost(widths_of(half)) / target - 1) <= tol / 2 < abs(ctx.cost(widths_of(loose)) / target - 1)
+    assert untimed_fit(ctx, scores, target, []) == loose
+    assert untimed_fit(ctx, scores, target, [loose]) == half
+    timed = [loose, half] + ([] if quarter == half else [quarter])
+    assert untimed_fit(ctx, scores, target, timed) is None
