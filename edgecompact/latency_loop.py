@@ -228,13 +228,14 @@ def next_table_target(rounds: list[dict]) -> tuple[float, str]:
     second round "secant": the line through the last two rounds' (predicted, measured / target), which also removes
     an offset the table lacks (a small model's per-call overhead makes the ratio step creep). Timing noise must not
     throw it far: its factor on the predicted ms is held between the ratio step's to the powers 1/4 and 4, and a
-    non-positive slope falls back to the ratio step.
+    slope that is not positive, or under a quarter of the proportional one (e / p: measured ms that hardly moved
+    while the prediction did, which is noise or a table miss, not a trend), falls back to the ratio step.
     """
     p, e = rounds[-1]["predicted_ms"], rounds[-1]["measured_ms"] / rounds[-1]["target_ms"]
     if len(rounds) < 2:
         return p / e, "ratio"
     p0, e0 = rounds[-2]["predicted_ms"], rounds[-2]["measured_ms"] / rounds[-2]["target_ms"]
-    if p == p0 or (e - e0) / (p - p0) <= 0:
+    if p == p0 or (e - e0) / (p - p0) < 0.25 * e / p:
         return p / e, "ratio"
     secant = p + (1 - e) * (p - p0) / (e - e0)
     lo, hi = sorted((e ** -0.25, e ** -4))
