@@ -146,7 +146,7 @@ def close_loop(ctx: LoopContext, keep: dict[str, list[int]], scores: dict[str, t
     """
     if ctx.budget.metric != "latency":
         return keep, {}
-    if ctx.measure_latency is None or ctx.measure_rounds < 1:
+    if not measures(ctx):
         return keep, {"measured": False, "predicted_only": ctx.measure_note or "no measurement of the target here"}
     state = ctx.state_path("latency_loop.json")
     config = {"method_keep": keep, "target_cost": ctx.target_cost, "tolerance": ctx.budget.tolerance,
@@ -197,6 +197,12 @@ def close_loop(ctx: LoopContext, keep: dict[str, list[int]], scores: dict[str, t
     if state is not None:
         write_text_atomic(state, json.dumps({"config": config, "keep": keeps[best], "budget": record}, indent=1))
     return keeps[best], record
+
+
+def measures(ctx: LoopContext) -> bool:
+    """Whether `close_loop` times a method's widths on the target (and may re-fit them): a latency budget with a
+    measurement and at least one round. A method may then hand it a network just outside the tolerance."""
+    return ctx.budget.metric == "latency" and ctx.measure_latency is not None and ctx.measure_rounds >= 1
 
 
 def untimed_fit(ctx: LoopContext, scores: dict[str, torch.Tensor], table_target: float,

@@ -13,6 +13,7 @@ from scipy.stats import spearmanr
 
 from edgecompact.budget import parse_budget, within
 from edgecompact.errors import BudgetError, ConfigError
+from edgecompact.latency_loop import close_loop, measures
 from edgecompact.methods import gensynth as gs
 from edgecompact.methods.base import run_method
 from edgecompact.precision import calibration_inputs, evaluate_at_precision
@@ -135,11 +136,15 @@ def test_when_no_sample_lands_in_the_tolerance_the_near_misses_stand_in_only_whe
 
 def test_only_a_measured_latency_budget_lets_the_last_cycle_miss_its_tolerance(make_context):
     ctx = make_context(channel_multiple=8)
-    assert not gs.loop_refits(ctx)  # a FLOP budget: the last cycle's network is the delivered one
+    assert not measures(ctx)  # a FLOP budget: the last cycle's network is the delivered one
     lat = replace(ctx, budget=replace(ctx.budget, metric="latency"), measure_latency=lambda keep: (1.0, 0.5))
-    assert gs.loop_refits(lat)
-    assert not gs.loop_refits(replace(lat, measure_rounds=0))  # predicted only: nothing re-fits it
-    assert not gs.loop_refits(replace(lat, measure_latency=None))
+    assert measures(lat)
+    assert not measures(replace(lat, measure_rounds=0))  # predicted only: nothing re-fits it
+    assert not measures(replace(lat, measure_latency=None))
+    # the loop itself agrees: it times exactly where GenSynth lets its last cycle hand it a near miss
+    keep = {g: list(range(w)) for g, w in ctx.structure.groups.items()}
+    assert close_loop(lat, keep, None)[1]["measured"]
+    assert close_loop(replace(lat, measure_rounds=0), keep, None)[1]["measured"] is False
 
 
 def test_update_moves_each_logit_toward_what_the_insights_say():

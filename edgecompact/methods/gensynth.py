@@ -24,6 +24,7 @@ from torch.utils.data import TensorDataset
 
 from edgecompact.budget import CostFn, fit_scores, within
 from edgecompact.errors import BudgetError, ConfigError
+from edgecompact.latency_loop import measures
 from edgecompact.methods.base import (
     Proposal,
     SearchContext,
@@ -499,7 +500,7 @@ def cycle(ctx: SearchContext, gen: Generator, inq: Inquisitor, req: Requirement,
         nets.append((keep, model))
     by = "probe_loss" if opts["train"] == "best" and opts["screen"] == "loss" else "utility"
     last = k == opts["cycles"] - 1
-    best, elite, met = select(records, inq.elite, by, stand_in=not last or loop_refits(ctx))
+    best, elite, met = select(records, inq.elite, by, stand_in=not last or measures(ctx))
     entry = {"cycle": k + 1, "level": req.level, "best": best, "elite": elite, "requirements_met": met,
              "samples": records}
     if "budget" in records[best]["violations"]:
@@ -517,12 +518,6 @@ def cycle(ctx: SearchContext, gen: Generator, inq: Inquisitor, req: Requirement,
         found.append(insights(contributions(inq, net, _at(ctx.structure, kept)), kept,
                               _marginal(ctx, widths_of(kept), opts["marginal_step"])))
     return Generator(update(gen, found, inq.step), keep, model, gen.temperature), entry
-
-
-def loop_refits(ctx: SearchContext) -> bool:
-    """Whether the method's result is timed on the target and re-fitted from its scores (a measured latency
-    budget, `latency_loop.close_loop`): there a network just outside the tolerance is the loop's to correct."""
-    return ctx.budget.metric == "latency" and ctx.measure_latency is not None and ctx.measure_rounds >= 1
 
 
 def _finish(ctx: SearchContext, gen: Generator, history: list[dict], req: Requirement, opts: dict,
